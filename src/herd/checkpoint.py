@@ -1,0 +1,259 @@
+"""Hugging Face checkpoint format <-> herd: the one place where names, layouts and config keys are mapped.
+
+Because herd's modules carry the checkpoint's names, the tensor mapping is a prefix rule:
+- `Llama4ForCausalLM` files: `model.layers.{i}...`, `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight`
+  load as they are;
+- `Llama4ForConditionalGeneration` files: `language_model.` is stripped; `vision_model.*` and
+  `multi_modal_projector.*` belong to the vision tower, which the text model skips (and reports).
+Config keys are the transformers `Llama4TextConfig` keys; both the v4 spelling (`rope_theta` + `rope_scaling`) and the
+v5 one (`rope_parameters`) are read, and both are written so older and newer readers agree.
+
+Loading streams: the model is built on the meta device, allocated once at the target dtype/device, and each tensor
+is read from the memory-mapped safetensors file and copied into place, so peak memory is the model plus one tensor.
+Pickle files (`.bin`, `.pt`) are read only with `torch.load(weights_only=True)`, which refuses arbitrary objects.
+
+Every problem raises `CheckpointError` naming the file and the tensors concerned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from herd.config import ConfigError, TextConfig, config_field_names
+from herd.model.text import Llama4ForCausalLM
+
+# Keys transformers writes into every config.json that carry no architecture information for herd.
+_GENERIC_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache", "output_router_logits",
+    "layer_types", "_name_or_path", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+    "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder", "problem_type", "id2label", "label2id",
+    "cache_implementation", "for_llm_compressor", "attn_implementation", "_attn_implementation_autoset",
+    "quantization_config", "sep_token_id", "decoder_start_token_id", "task_specific_params", "prefix",
+    "add_cross_attention", "finetuning_task", "tokenizer_class", "rope_parameters",
+}
+_VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, corrupt, or does not match its config."""
+
+
+# ---- config ----------------------------------------------------------------------------------------------------------
+def config_from_hf(d: dict) -> TextConfig:
+    """`TextConfig` from a parsed config.json (`llama4_text`, or the `text_config` of a `llama4` file)."""
+    if d.get("model_type") == "llama4" or "text_config" in d:
+        if not isinstance(d.get("text_config"), dict):
+            raise ConfigError("config.json of model_type 'llama4' has no text_config object")
+        d = d["text_config"]
+    elif d.get("model_type") not in (None, "llama4_text"):
+        raise ConfigError(f"config.json model_type {d.get('model_type')!r} is not a Llama 4 model")
+    d = dict(d)
+    rp = d.pop("rope_parameters", None)
+    if isinstance(rp, dict):  # transformers v5: rope_theta and the scaling recipe live together
+        d.setdefault("rope_theta", rp.get("rope_theta", 500000.0))
+        if rp.get("rope_type", "default") != "default":
+            d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
+    if isinstance(d.get("rope_scaling"), dict) and d["rope_scaling"].get("rope_type", "default") == "default":
+        d["rope_scaling"] = None
+    known = config_field_names()
+    unknown = sorted(k for k in d if k not in known and k not in _GENERIC_KEYS)
+    if unknown:
+        raise ConfigError(f"config.json has keys herd does not know: {unknown}")
+    try:
+        return TextConfig(**{k: v for k, v in d.items() if k in known})
+    except TypeError as e:  # e.g. a list where an int belongs
+        raise ConfigError(f"config.json has a value of the wrong type: {e}") from e
+
+
+def config_to_hf(cfg: TextConfig, dtype: torch.dtype | None = None) -> dict:
+    """config.json for `Llama4ForCausalLM`, readable by transformers 4.5x and 5.x."""
+    d = {k: getattr(cfg, k) for k in sorted(config_field_names())}
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope.update(cfg.rope_scaling)
+        rope["rope_type"] = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
+    d["rope_parameters"] = rope
+    d.update(architectures=["Llama4ForCausalLM"], model_type="llama4_text", layer_types=cfg.layer_types)
+    if dtype is not None:
+        d["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return d
+
+
+def load_config(path: str | os.PathLike) -> TextConfig:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{f} must hold a JSON object")
+    return config_from_hf(d)
+
+
+# ---- tensors ---------------------------------------------------------------------------------------------------------
+def herd_name(hf_name: str) -> str | None:
+    """The herd parameter name for a checkpoint tensor name; None for tensors the text model does not hold."""
+    if hf_name.startswith(_VISION_PREFIXES):
+        return None
+    return hf_name.removeprefix("language_model.")
+
+
+def _weight_files(root: Path) -> tuple[str, list[Path]]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        files = sorted({root / f for f in wm.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index.name} names shard files that do not exist: {missing}")
+        return "safetensors", files
+    single = root / "model.safetensors"
+    if single.is_file():
+        return "safetensors", [single]
+    shards = sorted(root.glob("*.safetensors"))
+    if shards:
+        return "safetensors", shards
+    pickles = sorted(root.glob("*.bin")) + sorted(root.glob("*.pt")) + sorted(root.glob("*.pth"))
+    if pickles:
+        return "pickle", pickles
+    raise CheckpointError(f"{root} holds no weights (no *.safetensors, model.safetensors.index.json or *.bin)")
+
+
+def iter_tensors(root: str | os.PathLike):
+    """Yield (checkpoint name, tensor) one at a time from every weight file of a checkpoint directory."""
+    from safetensors import SafetensorError, safe_open
+
+    kind, files = _weight_files(Path(root))
+    for f in files:
+        if kind == "pickle":
+            try:  # weights_only: tensors and plain containers only, never arbitrary code
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(f"{f.name}: refused or unreadable as a weights-only pickle: {e}") from e
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{f.name} does not hold a state dict")
+            yield from sd.items()
+            continue
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for name in sf.keys():
+                    yield name, sf.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{f.name} is corrupt or truncated: {e}") from e
+
+
+def load_weights(model: Llama4ForCausalLM, root: str | os.PathLike, strict: bool = True) -> dict:
+    """Stream a checkpoint's tensors into `model` (already allocated). Returns a report of what was skipped."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = model.config.tie_word_embeddings
+    loaded, unexpected, mismatched, skipped = set(), [], [], []
+    with torch.no_grad():
+        for hf, t in iter_tensors(root):
+            name = herd_name(hf)
+            if name is None:
+                skipped.append(hf)
+                continue
+            p = params.get(name)
+            if p is None:
+                unexpected.append(hf)
+                continue
+            if tuple(t.shape) != tuple(p.shape):
+                mismatched.append(f"{hf}: checkpoint {tuple(t.shape)} vs model {tuple(p.shape)}")
+                continue
+            p.copy_(t)
+            loaded.add(name)
+    missing = sorted(n for n in params if n not in loaded and not (tied and n == "lm_head.weight"))
+    if strict and (missing or unexpected or mismatched):
+        raise CheckpointError(_mismatch_message(model.config, missing, unexpected, mismatched))
+    return {"skipped": skipped, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def _mismatch_message(cfg: TextConfig, missing, unexpected, mismatched) -> str:
+    def few(xs):
+        return ", ".join(xs[:8]) + (f" ... ({len(xs)} in all)" if len(xs) > 8 else "")
+
+    parts = []
+    if mismatched:
+        parts.append(f"tensors with the wrong shape: {few(mismatched)}")
+    if missing:
+        parts.append(f"missing tensors: {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected tensors: {few(unexpected)}")
+    hint = (" - config.json contradicts the tensors (e.g. layer count, widths, experts)"
+            if mismatched or any(".layers." in u for u in unexpected) else "")
+    return f"checkpoint does not match its config ({cfg.num_hidden_layers} layers, {cfg.num_local_experts} " \
+           f"experts, hidden {cfg.hidden_size}): " + "; ".join(parts) + hint
+
+
+def _checkpoint_dtype(root: Path) -> torch.dtype:
+    try:
+        d = json.loads((root / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        d = {}
+    name = d.get("torch_dtype") or d.get("dtype") or (d.get("text_config") or {}).get("torch_dtype")
+    return _DTYPES.get(name, torch.float32)
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> Llama4ForCausalLM:
+    """Load a Hugging Face Llama 4 checkpoint directory into herd (text model)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    cfg = load_config(root)
+    dtype = dtype or _checkpoint_dtype(root)
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device or "cpu")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_weights(model, root)
+    return model.eval()
+
+
+def save_pretrained(model: Llama4ForCausalLM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
+                    dtype: torch.dtype | None = None) -> None:
+    """Write config.json and safetensors (sharded with an index above `max_shard_bytes`)."""
+    from safetensors.torch import save_file
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    sd = {n: p.detach() for n, p in model.named_parameters()}  # tied lm_head appears once (as embed_tokens)
+    if dtype is not None:
+        sd = {n: t.to(dtype) for n, t in sd.items()}
+    shards, cur, size = [], {}, 0
+    for n, t in sd.items():
+        b = t.numel() * t.element_size()
+        if cur and size + b > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[n], size = t, size + b
+    shards.append(cur)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, shard in zip(names, shards, strict=False):
+        tmp = root / (fname + ".tmp")
+        save_file({n: t.contiguous().cpu() for n, t in shard.items()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, root / fname)
+    index = root / "model.safetensors.index.json"
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        wm = {n: fname for fname, shard in zip(names, shards, strict=False) for n in shard}
+        index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2))
+    elif index.exists():
+        index.unlink()
+    wdtype = dtype or next(iter(sd.values())).dtype
+    (root / "config.json").write_text(json.dumps(config_to_hf(model.config, wdtype), indent=2))
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
+           "pad_token_id": model.config.pad_token_id}
+    (root / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))

@@ -1,0 +1,1 @@
+"""Inference: generation over the KV cache (token ids in, token ids out)."""

@@ -1,0 +1,67 @@
+"""Greedy and sampled generation over herd's KV cache (token ids in, token ids out; no tokenizer here).
+
+Batches may be left-padded: pass the 2-D `attention_mask` (1 = real token). Positions follow transformers'
+`generate` (position = running count of real tokens - 1, padding at 0), so results match it token for token, and
+chunked attention aligns chunks to each row's first real token.
+
+`use_cache=False` re-runs the whole sequence every step; it exists to check the cache, not for speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V): argmax at temperature 0, else top-k / top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
+             generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+    """Return (B, T + n) ids: the prompt followed by up to `max_new_tokens` new tokens per row.
+
+    Rows that emit an end-of-sequence id are padded with `pad_token_id` afterwards; generation stops early once
+    every row has finished.
+    """
+    from herd.model.cache import KVCache
+
+    B, T = input_ids.shape
+    device = model.device
+    ids = input_ids.to(device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device).long()
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = KVCache(model.config) if use_cache else None
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
+    step_ids, step_pos = ids, pos
+    for _ in range(max_new_tokens):
+        if cache is None:
+            step_ids, step_pos = ids, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        logits = model(step_ids, attention_mask=mask, position_ids=step_pos, cache=cache, logits_to_keep=1)
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+        step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
+        if eos.numel():
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+    return ids

@@ -1,0 +1,101 @@
+"""Llama 4 feed-forward blocks: the dense SwiGLU MLP and the mixture-of-experts block.
+
+MoE (Llama 4 model card; spec section 2.7):
+- a linear router scores every expert; top-k (top-1 for Scout and Maverick) is taken on the raw logits;
+- the chosen expert's weight is sigmoid(logit), computed in float32 - a sigmoid, not a softmax, and never
+  renormalised;
+- the weight scales the expert's INPUT, not its output. SwiGLU is nonlinear, so the two are not equivalent; scaling
+  the output is the classic Llama 4 porting bug (sglang #7889, llm-compressor #1907);
+- a shared expert of the same width sees every token and is always added.
+
+Unlike the reference, which runs every expert on every token (unselected ones on zero inputs), herd groups tokens by
+expert and runs only the selected experts: E/k times fewer FLOPs in the routed part, identical results.
+
+Expert weights keep the checkpoint layout: gate_up_proj (E, D, 2F) with gate in the first F columns and the input
+multiplied on the left (x @ W), down_proj (E, F, D).
+
+Shapes: N tokens (B*T flattened), D hidden, E experts, k experts per token, F expert width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used for dense layers and as the MoE shared expert."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked tensors (names and layout of the Hugging Face checkpoint)."""
+
+    def __init__(self, n_experts: int, hidden: int, width: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, hidden, 2 * width))  # (E, D, 2F)
+        self.down_proj = nn.Parameter(torch.empty(n_experts, width, hidden))  # (E, F, D)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Run expert e on its tokens x (n, D)."""
+        gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, F) each
+        return (up * F.silu(gate)) @ self.down_proj[e]  # (n, D)
+
+
+class Router(nn.Linear):
+    """Linear scorer over experts; returns (expert ids, sigmoid weights, raw logits)."""
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int):
+        super().__init__(hidden, n_experts, bias=False)
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor):
+        logits = super().forward(x)  # (N, E)
+        top_logit, top_idx = torch.topk(logits, self.top_k, dim=1)  # (N, k); ties resolved as torch.topk does
+        weights = torch.sigmoid(top_logit.float()).to(x.dtype)  # (N, k) sigmoid in fp32, like the reference
+        return top_idx, weights, logits
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D, F_, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+        self.n_experts, self.top_k = E, cfg.num_experts_per_tok
+        self.experts = Experts(E, D, F_)
+        self.router = Router(D, E, cfg.num_experts_per_tok)
+        self.shared_expert = MLP(D, F_)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        top_idx, weights, logits = self.router(x)
+        out = self.shared_expert(x)  # (N, D)
+        routed = self.route(x, top_idx, weights)
+        return (out + routed).view(shape), logits
+
+    def route(self, x: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sum over chosen experts of expert_e(w * x): tokens sorted by expert, one matmul chain per busy expert."""
+        N, k = top_idx.shape
+        flat_e = top_idx.reshape(-1)  # (N*k,)
+        order = torch.argsort(flat_e, stable=True)
+        token = order // k  # token of each sorted assignment
+        counts = torch.bincount(flat_e, minlength=self.n_experts).tolist()
+        scaled = x[token] * weights.reshape(-1)[order, None]  # (N*k, D) expert INPUT scaled by its weight
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                outs.append(self.experts.expert(e, scaled[start:start + n]))
+            start += n
+        y = torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])  # (N*k, D) in sorted order
+        if k == 1:  # each token has one output row: undo the sort instead of accumulating
+            return y.new_empty(y.shape).index_copy_(0, token, y)
+        return x.new_zeros(x.shape).index_add_(0, token, y)

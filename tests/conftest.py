@@ -1,0 +1,51 @@
+"""Shared helpers: the reference (transformers) twin of a herd config, and random weights both sides share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import herd
+from herd.checkpoint import config_to_hf
+
+torch.set_num_threads(2)
+
+
+def hf_config(cfg: herd.TextConfig):
+    """transformers' Llama4TextConfig for a herd TextConfig, built from the same config.json dict herd writes."""
+    from transformers import Llama4TextConfig
+
+    d = config_to_hf(cfg)
+    for k in ("architectures", "model_type", "rope_theta", "rope_scaling", "torch_dtype"):
+        d.pop(k, None)
+    hcfg = Llama4TextConfig(**d)
+    hcfg._attn_implementation = "sdpa"
+    return hcfg
+
+
+def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Norm weights start at 1; perturb them so a mix-up between norms cannot go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+
+
+def twin_models(cfg: herd.TextConfig, seed: int = 0):
+    """(herd model, transformers model) in float32 with identical random weights, both in eval mode."""
+    from transformers import Llama4ForCausalLM
+
+    torch.manual_seed(seed)
+    ours = herd.build_model(cfg, seed=seed)
+    randomize_norms(ours, seed)
+    ref = Llama4ForCausalLM(hf_config(cfg)).eval()
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    assert not [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")], missing
+    return ours.eval(), ref
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> herd.TextConfig:
+    return herd.preset("tiny")
