@@ -228,3 +228,27 @@ def test_loading_streams_into_the_target_dtype(saved):
     model = herd.from_pretrained(saved[0], dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.is_meta for p in model.parameters())
+
+
+def test_bf16_checkpoint_gives_bit_identical_logits(tmp_path):
+    """Loaded as bfloat16 on both sides (transformers keeps its RoPE frequencies in float32, so does herd), the
+    logits agree exactly, top-1 and top-2 routing alike."""
+    from transformers import Llama4ForCausalLM
+
+    for k in (1, 2):
+        cfg = herd.preset("tiny", num_experts_per_tok=k)
+        herd.build_model(cfg, seed=k).save_pretrained(tmp_path / str(k), dtype=torch.bfloat16)
+        ref = Llama4ForCausalLM.from_pretrained(tmp_path / str(k), dtype=torch.bfloat16).eval()
+        ours = herd.from_pretrained(tmp_path / str(k))
+        ids = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(k))
+        with torch.no_grad():
+            assert torch.equal(ours(ids), ref(ids).logits)
+
+
+def test_meta_build_then_materialize(cfg, ids):
+    model = herd.build_model(cfg, device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    herd.materialize(model, "cpu", seed=3)
+    again = herd.build_model(cfg, seed=3)
+    with torch.no_grad():
+        assert torch.equal(model(ids), again(ids))

@@ -104,6 +104,7 @@ class Attention(nn.Module):
         self.use_qk_norm = cfg.use_qk_norm and self.use_rope  # Scout's RoPE layers only; Maverick never
         self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope  # NoPE layers only
         self.eps, self.floor_scale, self.attn_scale = cfg.rms_norm_eps, cfg.floor_scale, cfg.attn_scale
+        self.scale = self.head_dim**-0.5  # passed to SDPA explicitly, as the reference does
         D = cfg.hidden_size
         self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=False)
@@ -128,7 +129,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, G, K, D)
         gqa = self.n_heads != self.n_kv
         if isinstance(mask, str):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        # out: (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
