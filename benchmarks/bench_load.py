@@ -50,6 +50,7 @@ def main() -> None:
     import torch
 
     import herd
+    import herd.sizes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small checkpoint, seconds instead of a minute")
@@ -62,7 +63,7 @@ def main() -> None:
                           intermediate_size_mlp=3 * width, num_local_experts=8, bos_token_id=1, eos_token_id=2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"[bench_load] writing a {herd.config.human(herd.count_params(cfg).total)}-parameter float32 "
+        print(f"[bench_load] writing a {herd.sizes.human(herd.count_params(cfg).total)}-parameter float32 "
               f"checkpoint (sharded at 256 MiB) ...", flush=True)
         model = herd.build_model(cfg, seed=0)
         model.save_pretrained(tmp, max_shard_bytes=256 * 2**20)

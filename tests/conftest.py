@@ -49,3 +49,30 @@ def twin_models(cfg: herd.TextConfig, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_cfg() -> herd.TextConfig:
     return herd.preset("tiny")
+
+
+def hf_mm_config(cfg: herd.Llama4Config):
+    """transformers' Llama4Config for a herd Llama4Config (through the config.json herd writes)."""
+    from transformers import Llama4Config
+
+    d = config_to_hf(cfg)
+    text = {k: v for k, v in d["text_config"].items() if k not in ("model_type", "rope_theta", "rope_scaling")}
+    hcfg = Llama4Config(text_config=text, vision_config=d["vision_config"],
+                        **{k: d[k] for k in ("boi_token_index", "eoi_token_index", "image_token_index")})
+    hcfg._attn_implementation = "sdpa"
+    hcfg.text_config._attn_implementation = "sdpa"
+    hcfg.vision_config._attn_implementation = "sdpa"
+    return hcfg
+
+
+def twin_multimodal(cfg: herd.Llama4Config, seed: int = 0):
+    """(herd, transformers) Llama4ForConditionalGeneration in float32 with identical random weights."""
+    from transformers import Llama4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    ours = herd.build_model(cfg, seed=seed)
+    randomize_norms(ours, seed)
+    ref = Llama4ForConditionalGeneration(hf_mm_config(cfg)).eval()
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    return ours.eval(), ref

@@ -86,12 +86,14 @@ def test_multimodal_checkpoint_loads_text_part(cfg, ids, tmp_path):
     """A Llama4ForConditionalGeneration file: language_model.* is taken, vision_model.* is left to the vision issue."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                  image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                  image_size=28, patch_size=7, vision_output_dim=32, projector_input_dim=32,
                   projector_output_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    full = Llama4ForConditionalGeneration(Llama4Config(text_config=hf_config(cfg).to_dict(), vision_config=vision))
+    full = Llama4ForConditionalGeneration(Llama4Config(text_config=hf_config(cfg).to_dict(), vision_config=vision,
+                                                       image_token_index=cfg.vocab_size - 1))
     full.eval().save_pretrained(tmp_path)
-    ours = herd.from_pretrained(tmp_path)
+    ours = herd.from_pretrained(tmp_path, text_only=True)
+    assert isinstance(ours, herd.Llama4ForCausalLM)
     with torch.no_grad():
         assert (ours(ids) - full(input_ids=ids).logits).abs().max().item() <= TOL
 

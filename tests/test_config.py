@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import herd
-from herd.config import ConfigError, count_params, describe, kv_cache_bytes_per_token
+from herd.config import ConfigError
 from herd.model.text import Llama4ForCausalLM
+from herd.sizes import count_params, describe, kv_cache_bytes_per_token
 
 
 def _meta_counts(cfg):
@@ -87,8 +88,9 @@ def test_unknown_preset():
 
 
 def test_describe_and_cli_info(tmp_path):
-    rows = dict(describe(herd.preset("llama4-scout")))
-    assert "107.77G" in rows["total parameters"]
+    assert "107.77G" in dict(describe(herd.preset("llama4-scout")))["text parameters (total)"]
+    rows = dict(describe(herd.multimodal_preset("llama4-scout")))
+    assert "108.64G" in rows["total parameters"] and "144 tokens per tile" in rows["vision tower"]
     out = subprocess.run([sys.executable, "-m", "herd.cli", "info", "--preset", "llama4-maverick"],
                          capture_output=True, text=True, check=True).stdout
     for needle in ("400.71G", "active parameters", "weights at fp8", "weights at int4", "KV cache / token"):

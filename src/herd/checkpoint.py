@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from herd.config import ConfigError, TextConfig, config_field_names
-from herd.model.text import Llama4ForCausalLM
+from herd.config import ConfigError, Llama4Config, TextConfig, VisionConfig, config_field_names
+from herd.model.build import Model, allocate, build_model
+from herd.model.multimodal import Llama4ForConditionalGeneration
 
 # Keys transformers writes into every config.json that carry no architecture information for herd.
 _GENERIC_KEYS = {
@@ -44,13 +45,23 @@ class CheckpointError(ValueError):
 
 
 # ---- config ----------------------------------------------------------------------------------------------------------
-def config_from_hf(d: dict) -> TextConfig:
-    """`TextConfig` from a parsed config.json (`llama4_text`, or the `text_config` of a `llama4` file)."""
-    if d.get("model_type") == "llama4" or "text_config" in d:
-        if not isinstance(d.get("text_config"), dict):
-            raise ConfigError("config.json of model_type 'llama4' has no text_config object")
-        d = d["text_config"]
-    elif d.get("model_type") not in (None, "llama4_text"):
+def _check_keys(d: dict, cls: type, what: str) -> dict:
+    known = config_field_names(cls)
+    unknown = sorted(k for k in d if k not in known and k not in _GENERIC_KEYS)
+    if unknown:
+        raise ConfigError(f"{what} has keys herd does not know: {unknown}")
+    return {k: v for k, v in d.items() if k in known}
+
+
+def _build(cls: type, kw: dict, what: str):
+    try:
+        return cls(**kw)
+    except TypeError as e:  # e.g. a list where an int belongs
+        raise ConfigError(f"{what} has a value of the wrong type: {e}") from e
+
+
+def text_config_from_hf(d: dict) -> TextConfig:
+    if d.get("model_type") not in (None, "llama4_text"):
         raise ConfigError(f"config.json model_type {d.get('model_type')!r} is not a Llama 4 model")
     d = dict(d)
     rp = d.pop("rope_parameters", None)
@@ -60,46 +71,104 @@ def config_from_hf(d: dict) -> TextConfig:
             d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
     if isinstance(d.get("rope_scaling"), dict) and d["rope_scaling"].get("rope_type", "default") == "default":
         d["rope_scaling"] = None
-    known = config_field_names()
-    unknown = sorted(k for k in d if k not in known and k not in _GENERIC_KEYS)
-    if unknown:
-        raise ConfigError(f"config.json has keys herd does not know: {unknown}")
-    try:
-        return TextConfig(**{k: v for k, v in d.items() if k in known})
-    except TypeError as e:  # e.g. a list where an int belongs
-        raise ConfigError(f"config.json has a value of the wrong type: {e}") from e
+    return _build(TextConfig, _check_keys(d, TextConfig, "config.json"), "config.json")
 
 
-def config_to_hf(cfg: TextConfig, dtype: torch.dtype | None = None) -> dict:
-    """config.json for `Llama4ForCausalLM`, readable by transformers 4.5x and 5.x."""
-    d = {k: getattr(cfg, k) for k in sorted(config_field_names())}
+def vision_config_from_hf(d: dict, max_tiles: int | None = None) -> VisionConfig:
+    d = dict(d)
+    rp = d.pop("rope_parameters", None)
+    if isinstance(rp, dict):
+        d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+    for k in ("model_type", "vision_feature_layer"):  # the tower always uses its last layer
+        d.pop(k, None)
+    if max_tiles is not None:
+        d["max_tiles"] = max_tiles
+    return _build(VisionConfig, _check_keys(d, VisionConfig, "vision_config"), "vision_config")
+
+
+def config_from_hf(d: dict, max_tiles: int | None = None) -> TextConfig | Llama4Config:
+    """A herd config from a parsed config.json: `TextConfig` for `llama4_text`, `Llama4Config` for `llama4`."""
+    if d.get("model_type") != "llama4" and "text_config" not in d:
+        return text_config_from_hf(d)
+    for part in ("text_config", "vision_config"):
+        if not isinstance(d.get(part), dict):
+            raise ConfigError(f"config.json of model_type 'llama4' has no {part} object")
+    top = {k: d[k] for k in ("boi_token_index", "eoi_token_index", "image_token_index") if k in d}
+    extra = sorted(set(d) - set(top) - {"text_config", "vision_config", "tie_word_embeddings", "pad_token_id"}
+                   - _GENERIC_KEYS)
+    if extra:
+        raise ConfigError(f"config.json has keys herd does not know: {extra}")
+    text = dict(d["text_config"])
+    if "tie_word_embeddings" in d:
+        text.setdefault("tie_word_embeddings", d["tie_word_embeddings"])
+    return _build(Llama4Config, dict(text_config=text_config_from_hf(text),
+                                     vision_config=vision_config_from_hf(d["vision_config"], max_tiles), **top),
+                  "config.json")
+
+
+def _text_to_hf(cfg: TextConfig) -> dict:
+    d = {k: getattr(cfg, k) for k in sorted(config_field_names(TextConfig))}
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         rope.update(cfg.rope_scaling)
         rope["rope_type"] = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
     d["rope_parameters"] = rope
-    d.update(architectures=["Llama4ForCausalLM"], model_type="llama4_text", layer_types=cfg.layer_types)
+    d.update(model_type="llama4_text", layer_types=cfg.layer_types)
+    return d
+
+
+def config_to_hf(cfg: TextConfig | Llama4Config, dtype: torch.dtype | None = None) -> dict:
+    """config.json for `Llama4ForCausalLM` or `Llama4ForConditionalGeneration`, readable by transformers 4.5x/5.x
+    (both RoPE spellings are written)."""
+    if isinstance(cfg, TextConfig):
+        d = {**_text_to_hf(cfg), "architectures": ["Llama4ForCausalLM"]}
+    else:
+        v = cfg.vision_config
+        vision = {k: getattr(v, k) for k in sorted(config_field_names(VisionConfig)) if k != "max_tiles"}
+        vision.update(model_type="llama4_vision_model",
+                      rope_parameters={"rope_type": "default", "rope_theta": v.rope_theta})
+        d = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+             "text_config": _text_to_hf(cfg.text_config), "vision_config": vision,
+             "boi_token_index": cfg.boi_token_index, "eoi_token_index": cfg.eoi_token_index,
+             "image_token_index": cfg.image_token_index, "tie_word_embeddings": cfg.text_config.tie_word_embeddings}
     if dtype is not None:
         d["torch_dtype"] = str(dtype).removeprefix("torch.")
     return d
 
 
-def load_config(path: str | os.PathLike) -> TextConfig:
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        raise CheckpointError(f"{path} has no config.json")
+def preprocessor_config(v: VisionConfig) -> dict:
+    """preprocessor_config.json in the form of transformers' Llama 4 image processor (tile size, max tiles)."""
+    return {"image_processor_type": "Llama4ImageProcessorFast", "size": {"height": v.image_size,
+            "width": v.image_size}, "max_patches": v.max_tiles, "resize_to_max_canvas": False, "do_resize": True,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3, "do_convert_rgb": True, "resample": 2}
+
+
+def _read_json(f: Path) -> dict:
     try:
         d = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{f} is not valid JSON: {e}") from e
     if not isinstance(d, dict):
         raise ConfigError(f"{f} must hold a JSON object")
-    return config_from_hf(d)
+    return d
+
+
+def load_config(path: str | os.PathLike) -> TextConfig | Llama4Config:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    pre = Path(path) / "preprocessor_config.json"
+    max_tiles = _read_json(pre).get("max_patches") if pre.is_file() else None
+    return config_from_hf(_read_json(f), max_tiles)
 
 
 # ---- tensors ---------------------------------------------------------------------------------------------------------
-def herd_name(hf_name: str) -> str | None:
-    """The herd parameter name for a checkpoint tensor name; None for tensors the text model does not hold."""
+def herd_name(hf_name: str, multimodal: bool) -> str | None:
+    """The herd parameter name of a checkpoint tensor; None for tensors the model does not hold (the vision tower's,
+    when a multimodal checkpoint is read as a text model)."""
+    if multimodal:
+        return hf_name
     if hf_name.startswith(_VISION_PREFIXES):
         return None
     return hf_name.removeprefix("language_model.")
@@ -152,14 +221,20 @@ def iter_tensors(root: str | os.PathLike):
             raise CheckpointError(f"{f.name} is corrupt or truncated: {e}") from e
 
 
-def load_weights(model: Llama4ForCausalLM, root: str | os.PathLike, strict: bool = True) -> dict:
+def _text_part(model: Model):
+    return model.language_model if isinstance(model, Llama4ForConditionalGeneration) else model
+
+
+def load_weights(model: Model, root: str | os.PathLike, strict: bool = True) -> dict:
     """Stream a checkpoint's tensors into `model` (already allocated). Returns a report of what was skipped."""
+    multimodal = isinstance(model, Llama4ForConditionalGeneration)
     params = dict(model.named_parameters(remove_duplicate=False))
-    tied = model.config.tie_word_embeddings
+    tied = _text_part(model).config.tie_word_embeddings
+    head = "language_model.lm_head.weight" if multimodal else "lm_head.weight"
     loaded, unexpected, mismatched, skipped = set(), [], [], []
     with torch.no_grad():
         for hf, t in iter_tensors(root):
-            name = herd_name(hf)
+            name = herd_name(hf, multimodal)
             if name is None:
                 skipped.append(hf)
                 continue
@@ -172,9 +247,9 @@ def load_weights(model: Llama4ForCausalLM, root: str | os.PathLike, strict: bool
                 continue
             p.copy_(t)
             loaded.add(name)
-    missing = sorted(n for n in params if n not in loaded and not (tied and n == "lm_head.weight"))
+    missing = sorted(n for n in params if n not in loaded and not (tied and n == head))
     if strict and (missing or unexpected or mismatched):
-        raise CheckpointError(_mismatch_message(model.config, missing, unexpected, mismatched))
+        raise CheckpointError(_mismatch_message(_text_part(model).config, missing, unexpected, mismatched))
     return {"skipped": skipped, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
 
@@ -200,28 +275,29 @@ def _checkpoint_dtype(root: Path) -> torch.dtype:
         d = json.loads((root / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         d = {}
-    name = d.get("torch_dtype") or d.get("dtype") or (d.get("text_config") or {}).get("torch_dtype")
+    text = d.get("text_config") or {}
+    name = d.get("torch_dtype") or d.get("dtype") or text.get("torch_dtype") or text.get("dtype")
     return _DTYPES.get(name, torch.float32)
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> Llama4ForCausalLM:
-    """Load a Hugging Face Llama 4 checkpoint directory into herd (text model)."""
+                    device: str | torch.device | None = None, text_only: bool = False) -> Model:
+    """Load a Hugging Face Llama 4 checkpoint directory: `Llama4ForConditionalGeneration` files give the multimodal
+    model (or, with text_only=True, just its language model), `Llama4ForCausalLM` files the text model."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = load_config(root)
+    if text_only and isinstance(cfg, Llama4Config):
+        cfg = cfg.text_config
     dtype = dtype or _checkpoint_dtype(root)
-    with torch.device("meta"):
-        model = Llama4ForCausalLM(cfg)
-    model = model.to(dtype=dtype).to_empty(device=device or "cpu")
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = build_model(cfg, device="meta", dtype=dtype)
+    allocate(model, device or "cpu")
     load_weights(model, root)
     return model.eval()
 
 
-def save_pretrained(model: Llama4ForCausalLM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
+def save_pretrained(model: Model, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
                     dtype: torch.dtype | None = None) -> None:
     """Write config.json and safetensors (sharded with an index above `max_shard_bytes`)."""
     from safetensors.torch import save_file
@@ -254,6 +330,9 @@ def save_pretrained(model: Llama4ForCausalLM, path: str | os.PathLike, max_shard
         index.unlink()
     wdtype = dtype or next(iter(sd.values())).dtype
     (root / "config.json").write_text(json.dumps(config_to_hf(model.config, wdtype), indent=2))
-    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
-           "pad_token_id": model.config.pad_token_id}
+    if isinstance(model, Llama4ForConditionalGeneration):
+        pre = preprocessor_config(model.config.vision_config)
+        (root / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    text = _text_part(model).config
+    gen = {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id}
     (root / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))

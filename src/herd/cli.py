@@ -15,13 +15,13 @@ import time
 
 def _config(args):
     from herd.checkpoint import load_config
-    from herd.config import preset
+    from herd.config import multimodal_preset
 
-    return load_config(args.model) if args.model else preset(args.preset)
+    return load_config(args.model) if args.model else multimodal_preset(args.preset)
 
 
 def cmd_info(args) -> int:
-    from herd.config import describe
+    from herd.sizes import describe
 
     cfg = _config(args)
     rows = describe(cfg)
@@ -35,10 +35,10 @@ def cmd_info(args) -> int:
 def cmd_init(args) -> int:
     import torch
 
-    from herd.config import preset
-    from herd.model.text import build_model
+    from herd.config import multimodal_preset, preset
+    from herd.model.build import build_model
 
-    cfg = preset(args.preset)
+    cfg = multimodal_preset(args.preset) if args.multimodal else preset(args.preset)
     model = build_model(cfg, dtype=getattr(torch, args.dtype), seed=args.seed)
     model.save_pretrained(args.out)
     print(f"wrote a random {args.preset} checkpoint to {args.out}")
@@ -51,7 +51,7 @@ def cmd_generate(args) -> int:
     from herd.checkpoint import from_pretrained
     from herd.config import preset
     from herd.infer.generate import generate
-    from herd.model.text import build_model
+    from herd.model.build import build_model
 
     if args.model:
         model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", required=True)
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--multimodal", action="store_true", help="with the vision tower (Llama4ForConditionalGeneration)")
     sp.set_defaults(fn=cmd_init)
     sp = sub.add_parser("generate", help="generate token ids (the tokenizer arrives with the multimodal issue)")
     source(sp)

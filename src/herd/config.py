@@ -19,7 +19,7 @@ Values for Scout/Maverick: shared/spec/llama4-architecture.md section 1.1 (from 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 LLAMA4_VOCAB = 202048  # 200000 BPE ranks + 2048 special-token slots
 
@@ -181,79 +181,101 @@ def preset(name: str, **overrides) -> TextConfig:
     return TextConfig(**{**PRESETS[name], **overrides})
 
 
-def config_field_names() -> set[str]:
-    return {f.name for f in fields(TextConfig)}
+def config_field_names(cls: type = None) -> set[str]:
+    return {f.name for f in fields(cls or TextConfig)}
 
 
-# ---- parameter and memory accounting (analytic; tests cross-check it against real modules on the meta device) ------
-@dataclass
-class ParamCounts:
-    total: int
-    active: int  # parameters touched per token: shared expert + top-k routed experts, embeddings included
-    embedding: int
-    by_part: dict = field(default_factory=dict)
+@dataclass(kw_only=True)
+class VisionConfig:
+    """The MetaCLIP-style vision tower, pixel-shuffle adapter and tiling limits (transformers' Llama4VisionConfig
+    names; `max_tiles` is the preprocessor's `max_patches` and is written to preprocessor_config.json)."""
+
+    hidden_size: int = 32
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 128  # encoder MLP width; must equal hidden_size / pixel_shuffle_ratio**2 (see validate)
+    image_size: int = 28  # tile side in pixels
+    patch_size: int = 14
+    num_channels: int = 3
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    pixel_shuffle_ratio: float = 0.5
+    projector_input_dim: int = 64  # adapter fc1 output
+    projector_output_dim: int = 64  # adapter fc2 output
+    vision_output_dim: int = 64  # input of multi_modal_projector.linear_1 (= projector_output_dim)
+    multi_modal_projector_bias: bool = False
+    hidden_act: str = "gelu"
+    vision_feature_layer: int = -1
+    vision_feature_select_strategy: str = "default"
+    attention_dropout: float = 0.0
+    projector_dropout: float = 0.0
+    initializer_range: float = 0.02
+    max_tiles: int = 16
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"vision config: {msg}")
+
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+                     "patch_size", "projector_input_dim", "projector_output_dim", "vision_output_dim", "max_tiles"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive int, got {v!r}")
+        need(self.hidden_size % self.num_attention_heads == 0,
+             f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})")
+        need((self.hidden_size // self.num_attention_heads) % 4 == 0,
+             "head dim must be a multiple of 4 (2-D RoPE splits each head into x and y halves of complex pairs)")
+        need(self.image_size % self.patch_size == 0, f"image_size {self.image_size} is not a multiple of patch_size")
+        grid, keep = self.image_size // self.patch_size, round(1 / self.pixel_shuffle_ratio)
+        need(abs(self.pixel_shuffle_ratio * keep - 1) < 1e-9 and grid % keep == 0,
+             f"pixel_shuffle_ratio {self.pixel_shuffle_ratio} must be 1/n with n dividing the {grid}-patch grid")
+        need(self.intermediate_size == round(self.hidden_size / self.pixel_shuffle_ratio ** 2),
+             f"intermediate_size ({self.intermediate_size}) must equal hidden_size / pixel_shuffle_ratio**2 "
+             f"({round(self.hidden_size / self.pixel_shuffle_ratio ** 2)}): the adapter reads the shuffled width")
+        need(self.vision_output_dim == self.projector_output_dim,
+             "vision_output_dim must equal projector_output_dim (the projector reads the adapter output)")
+        need(self.hidden_act == "gelu", f"hidden_act must be 'gelu', got {self.hidden_act!r}")
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Vision tokens one tile becomes after pixel shuffle (144 for 336-px tiles of 14-px patches)."""
+        return round((self.image_size // self.patch_size) ** 2 * self.pixel_shuffle_ratio ** 2)
 
 
-def count_params(cfg: TextConfig) -> ParamCounts:
-    D, F, Fd, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.intermediate_size_mlp, cfg.num_local_experts, \
-        cfg.num_experts_per_tok
-    hd, H, KV = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    attn = D * hd * (2 * H + 2 * KV)
-    norms = 2 * D
-    expert = 3 * D * F
-    n_moe = len(set(cfg.moe_layers))
-    n_dense = cfg.num_hidden_layers - n_moe
-    moe_total = E * expert + expert + D * E  # routed experts + shared expert + router
-    moe_active = k * expert + expert + D * E
-    dense = 3 * D * Fd
-    emb = cfg.vocab_size * D * (1 if cfg.tie_word_embeddings else 2)
-    base = cfg.num_hidden_layers * (attn + norms) + D + emb
-    total = base + n_moe * moe_total + n_dense * dense
-    active = base + n_moe * moe_active + n_dense * dense
-    parts = {"embeddings": emb, "attention": cfg.num_hidden_layers * attn, "routed_experts": n_moe * E * expert,
-             "shared_experts": n_moe * expert, "dense_mlp": n_dense * dense}
-    return ParamCounts(total=total, active=active, embedding=emb, by_part=parts)
+@dataclass(kw_only=True)
+class Llama4Config:
+    """Text decoder + vision tower + the token ids that tie them together (transformers' Llama4Config)."""
+
+    text_config: TextConfig
+    vision_config: VisionConfig
+    boi_token_index: int = 200080  # <|image_start|>
+    eoi_token_index: int = 200081  # <|image_end|>
+    image_token_index: int = 200092  # <|patch|>: the positions that receive vision features
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.image_token_index < self.text_config.vocab_size:
+            raise ConfigError(f"image_token_index {self.image_token_index} is outside the text vocabulary "
+                              f"({self.text_config.vocab_size})")
 
 
-def kv_cache_bytes_per_token(cfg: TextConfig, bytes_per_elem: int = 2) -> dict:
-    """K and V bytes one token adds. Chunked (RoPE) layers stop growing after `attention_chunk_size` tokens."""
-    per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * bytes_per_elem
-    n_global = sum(1 for i in range(cfg.num_hidden_layers) if not cfg.uses_rope(i))
-    n_chunked = cfg.num_hidden_layers - n_global
-    return {"all_layers": per_layer * cfg.num_hidden_layers, "global_layers": per_layer * n_global,
-            "chunked_layers": per_layer * n_chunked,
-            "chunked_cap_bytes": per_layer * n_chunked * cfg.attention_chunk_size}
+# The released Scout and Maverick share one vision tower (spec section 1.2; transformers' defaults are NOT these).
+_VISION_LLAMA4 = dict(hidden_size=1408, num_hidden_layers=34, num_attention_heads=16, intermediate_size=5632,
+                      image_size=336, patch_size=14, projector_input_dim=4096, projector_output_dim=4096,
+                      vision_output_dim=4096, max_tiles=16)
+_VISION_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                    image_size=28, patch_size=7, projector_input_dim=48, projector_output_dim=48,
+                    vision_output_dim=48, max_tiles=6)
+VISION_PRESETS: dict[str, dict] = {"llama4-scout": _VISION_LLAMA4, "llama4-maverick": _VISION_LLAMA4,
+                                   "llama4-behemoth": _VISION_LLAMA4, "tiny": _VISION_TINY,
+                                   "tiny-maverick": _VISION_TINY}
 
 
-def human(n: float, unit: str = "") -> str:
-    for div, suf in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{suf}{unit}"
-    return f"{n:.0f}{unit}"
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def describe(cfg: TextConfig) -> list[tuple[str, str]]:
-    """Rows for `herd info`: sizes, memory at several weight precisions, KV-cache cost."""
-    pc = count_params(cfg)
-    kv = kv_cache_bytes_per_token(cfg)
-    rows = [("layers", f"{cfg.num_hidden_layers} ({len(cfg.moe_layers)} MoE, "
-                       f"{sum(1 for i in range(cfg.num_hidden_layers) if not cfg.uses_rope(i))} global NoPE)"),
-            ("hidden / heads / kv heads / head_dim",
-             f"{cfg.hidden_size} / {cfg.num_attention_heads} / {cfg.num_key_value_heads} / {cfg.head_dim}"),
-            ("experts (top-k)", f"{cfg.num_local_experts} (top-{cfg.num_experts_per_tok}) + shared"),
-            ("total parameters", f"{human(pc.total)} ({pc.total:,})"),
-            ("active parameters / token", f"{human(pc.active)} ({pc.active:,})")]
-    for name, b in (("bf16", 2), ("fp8", 1), ("int4", 0.5)):
-        rows.append((f"weights at {name}", _gib(pc.total * b)))
-    rows.append(("KV cache / token (bf16, all layers)", f"{kv['all_layers']:,} B"))
-    rows.append(("KV cache / token beyond chunk (global only)", f"{kv['global_layers']:,} B"))
-    rows.append(("chunked-layer KV cap (bf16)", _gib(kv["chunked_cap_bytes"])))
-    rows.append(("attention chunk", f"{cfg.attention_chunk_size} tokens"))
-    return rows
+def multimodal_preset(name: str, **text_overrides) -> Llama4Config:
+    """The named preset as a full multimodal config (text decoder + vision tower)."""
+    text = preset(name, **text_overrides)
+    V = text.vocab_size  # tiny vocabularies keep the image tokens at their top (the real ids are 200080/81/92)
+    ids = dict(boi_token_index=V - 3, eoi_token_index=V - 2, image_token_index=V - 1) if name.startswith("tiny") else {}
+    return Llama4Config(text_config=text, vision_config=VisionConfig(**VISION_PRESETS[name]), **ids)
 
 
 def rope_is_scaled(cfg: TextConfig) -> bool:

@@ -34,11 +34,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             pixel_values: torch.Tensor | None = None) -> torch.Tensor:
     """Return (B, T + n) ids: the prompt followed by up to `max_new_tokens` new tokens per row.
 
     Rows that emit an end-of-sequence id are padded with `pad_token_id` afterwards; generation stops early once
-    every row has finished.
+    every row has finished. For a multimodal model, `pixel_values` (tiles of every image, in prompt order) are
+    encoded once, with the prompt; decode steps only read the cache.
     """
     from herd.model.cache import KVCache
 
@@ -48,13 +50,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device).long()
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = KVCache(model.config) if use_cache else None
+    cache = KVCache(getattr(model.config, "text_config", model.config)) if use_cache else None
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
     step_ids, step_pos = ids, pos
     for _ in range(max_new_tokens):
         if cache is None:
             step_ids, step_pos = ids, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        logits = model(step_ids, attention_mask=mask, position_ids=step_pos, cache=cache, logits_to_keep=1)
+        first = cache is None or cache.seen == 0
+        extra = {"pixel_values": pixel_values} if pixel_values is not None and first else {}
+        logits = model(step_ids, attention_mask=mask, position_ids=step_pos, cache=cache, logits_to_keep=1, **extra)
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         ids = torch.cat([ids, nxt[:, None]], dim=1)

@@ -153,23 +153,3 @@ class Llama4ForCausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
-
-
-def build_model(cfg: TextConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                seed: int | None = 0) -> Llama4ForCausalLM:
-    """A randomly initialised model; with device="meta" nothing is allocated (materialize it later)."""
-    with torch.device("meta"):
-        model = Llama4ForCausalLM(cfg)
-    model = model.to(dtype=dtype)
-    if str(device) != "meta":
-        materialize(model, device, seed=seed)
-    return model
-
-
-def materialize(model: Llama4ForCausalLM, device: str | torch.device, seed: int | None = 0) -> Llama4ForCausalLM:
-    """Allocate a meta-device model on `device` and give it random weights."""
-    model.to_empty(device=device)
-    if model.config.tie_word_embeddings:  # to_empty breaks the tie; restore it
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.init_weights(seed)
-    return model
