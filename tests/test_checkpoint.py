@@ -23,7 +23,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def cfg():
-    return herd.preset("tiny", vocab_size=512, num_local_experts=3)
+    return herd.preset("tiny", vocab_size=512, num_local_experts=3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 @pytest.fixture(scope="module")

@@ -76,6 +76,8 @@ def test_kv_cache_accounting():
     (dict(hidden_act="gelu"), "silu"),
     (dict(rope_scaling={"rope_type": "yarn"}), "not supported"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks"),
+    (dict(pad_token_id=5000), "pad_token_id 5000 is outside the vocabulary"),
+    (dict(eos_token_id=[905, -1]), "eos_token_id -1 is outside"),
 ])
 def test_invalid_configs_are_refused(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -104,3 +106,18 @@ def test_describe_and_cli_info(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "herd.cli", "info", "--model", str(tmp_path / "none")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no config.json" in bad.stderr
+
+
+def test_tiny_presets_use_the_shipped_tokenizers_ids():
+    from herd.tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for name in ("tiny", "tiny-maverick"):
+        cfg = herd.multimodal_preset(name)
+        t = cfg.text_config
+        assert t.vocab_size == tok.vocab_size
+        assert t.bos_token_id == tok.special("<|begin_of_text|>")
+        assert t.pad_token_id == tok.special("<|finetune_right_pad|>")
+        assert t.eos_token_id == [tok.special(n) for n in ("<|end_of_text|>", "<|eom|>", "<|eot|>")]
+        assert (cfg.boi_token_index, cfg.eoi_token_index, cfg.image_token_index) == tuple(
+            tok.special(n) for n in ("<|image_start|>", "<|image_end|>", "<|patch|>"))

@@ -62,7 +62,7 @@ class TextConfig:
     attention_dropout: float = 0.0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-    bos_token_id: int | None = 200000
+    bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
 
@@ -108,6 +108,11 @@ class TextConfig:
         need(all(v in (0, 1) for v in self.no_rope_layers), "no_rope_layers entries must be 0 (NoPE) or 1 (RoPE)")
         bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
         need(not bad, f"moe_layers {bad} out of range for {self.num_hidden_layers} layers")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            ids = getattr(self, name)
+            for t in ids if isinstance(ids, list) else [] if ids is None else [ids]:
+                need(isinstance(t, int) and 0 <= t < self.vocab_size,
+                     f"{name} {t!r} is outside the vocabulary (size {self.vocab_size})")
         need(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         need(self.floor_scale > 0, f"floor_scale must be > 0, got {self.floor_scale}")
         need(not self.attention_bias, "attention_bias=True is not a Llama 4 feature and is not supported")
@@ -152,6 +157,11 @@ _SCOUT = dict(
     max_position_embeddings=10485760, bos_token_id=200000, eos_token_id=[200001, 200007, 200008], pad_token_id=200018,
 )
 
+# The shipped tiny tokenizer (herd/assets/tiny-tokenizer: 904 BPE ranks, then the 1144 named Llama 4 special
+# tokens in Meta's order) puts the special tokens at 904 + their offset from 200000; tests check these numbers.
+_TINY_TOKENS = dict(bos_token_id=904, eos_token_id=[905, 911, 912], pad_token_id=922)
+TINY_IMAGE_TOKENS = dict(boi_token_index=984, eoi_token_index=985, image_token_index=996)
+
 PRESETS: dict[str, dict] = {
     "llama4-scout": _SCOUT,
     "llama4-maverick": {**_SCOUT, "num_local_experts": 128, "interleave_moe_layer_step": 2, "use_qk_norm": False,
@@ -165,12 +175,12 @@ PRESETS: dict[str, dict] = {
                  attention_chunk_size=16, floor_scale=8, rope_theta=10000.0, max_position_embeddings=4096,
                  rope_scaling=dict(rope_type="llama3", factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
                                    original_max_position_embeddings=64),
-                 bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                 **_TINY_TOKENS),
     "tiny-maverick": dict(vocab_size=2048, hidden_size=64, num_hidden_layers=8, num_attention_heads=4,
                           num_key_value_heads=1, head_dim=16, intermediate_size=96, intermediate_size_mlp=192,
                           num_local_experts=8, interleave_moe_layer_step=2, use_qk_norm=False,
                           attention_chunk_size=16, floor_scale=8, rope_theta=10000.0, max_position_embeddings=4096,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                          **_TINY_TOKENS),
 }
 
 
@@ -273,8 +283,7 @@ VISION_PRESETS: dict[str, dict] = {"llama4-scout": _VISION_LLAMA4, "llama4-maver
 def multimodal_preset(name: str, **text_overrides) -> Llama4Config:
     """The named preset as a full multimodal config (text decoder + vision tower)."""
     text = preset(name, **text_overrides)
-    V = text.vocab_size  # tiny vocabularies keep the image tokens at their top (the real ids are 200080/81/92)
-    ids = dict(boi_token_index=V - 3, eoi_token_index=V - 2, image_token_index=V - 1) if name.startswith("tiny") else {}
+    ids = TINY_IMAGE_TOKENS if name.startswith("tiny") else {}
     return Llama4Config(text_config=text, vision_config=VisionConfig(**VISION_PRESETS[name]), **ids)
 
 

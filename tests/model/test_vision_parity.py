@@ -17,9 +17,11 @@ TOL = 1e-5
 
 
 def _cfg(**vision):
-    cfg = herd.multimodal_preset("tiny", vocab_size=512)
-    v = herd.VisionConfig(**{**vars(cfg.vision_config), **vision})
-    return herd.Llama4Config(text_config=cfg.text_config, vision_config=v, boi_token_index=509, eoi_token_index=510,
+    from herd.config import VISION_PRESETS
+
+    v = herd.VisionConfig(**{**VISION_PRESETS["tiny"], **vision})
+    text = herd.preset("tiny", vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return herd.Llama4Config(text_config=text, vision_config=v, boi_token_index=509, eoi_token_index=510,
                              image_token_index=511)
 
 

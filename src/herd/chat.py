@@ -1,0 +1,242 @@
+"""Llama 4 chat format: OpenAI-style messages in, token ids out (text, tool calls, tool results and images).
+
+Layout (spec 4.2): `<|begin_of_text|>`, then per turn `<|header_start|>{role}<|header_end|>\n\n{content}<|eot|>`,
+roles system / user / assistant / ipython (OpenAI's "tool"), and with add_generation_prompt the open assistant header.
+
+Design
+- Token-for-token what transformers' Llama 4 chat template (models/llama4/processing_llama4.py) renders and its
+  processor expands, except that special tokens are inserted as ids, never parsed out of text: a user who types
+  "<|eot|>" gets the BPE of those characters, not a turn end. Text between two control tokens is encoded as one
+  string, because that is what tokenizing the rendered template does (it decides how "\n\n" joins the content).
+- Conventions taken from that template (they differ from Meta's reference in places, noted where it matters):
+  every turn ends with `<|eot|>`, ipython turns included (vLLM's template ends those with `<|eom|>`). The one
+  exception is the default style="meta": an assistant turn that made tool calls ends with `<|eom|>`, as in Meta's
+  reference chat format (models/llama4/chat_format.py, stop reason end_of_message). An assistant tool-call turn
+  is `<|python_start|>{content}<|python_end|>` followed by `{"name": NAME, "parameters": ARGS-JSON}` per call. A tool
+  result is rendered as JSON (a plain string becomes a quoted JSON string, as in transformers' and vLLM's templates).
+  The system prompt (first message only) is stripped. With `tools`, the function specs go into the first user
+  message under the template's fixed preamble and the system prompt gains "Environment: ipython\n".
+- Deliberate differences from the template, all in inputs it mishandles: OpenAI's JSON-string `arguments` are parsed
+  (the template would double-encode them), and an empty or null `tool_calls` is an ordinary message (the template
+  drops it or fails).
+- Images (spec 3.6): every image part becomes `<|image_start|>`, its tiles' `<|patch|>` runs row by row with
+  `<|tile_x_separator|>` between columns and `<|tile_y_separator|>` after each row, then `<|image|>` + the thumbnail's
+  patches + `<|image_end|>`; a 1x1 image has no tiles part. The grid of each image comes from image preprocessing
+  (`herd.image`), passed in as `image_grids`; `prepare_chat` runs the preprocessing too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from herd.tokenizer import Tokenizer
+
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython", "ipython": "ipython"}
+# The fixed preamble of transformers' Llama 4 template for tools in the first user message.
+TOOLS_PREAMBLE = ("Given the following functions, please respond with a JSON for a function call with its proper "
+                  "arguments that best answers the given prompt.\n\n"
+                  'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+                  'value}.Do not use variables.\n\n')
+
+
+def image_tokens(tokenizer: Tokenizer, rows: int, cols: int, tokens_per_tile: int = 144) -> list[int]:
+    """The ids one image of `rows` x `cols` tiles becomes (147 for 1x1, 145*rows*cols + 147 otherwise at 144)."""
+    if rows < 1 or cols < 1:
+        raise ValueError(f"image grid must be at least 1x1, got {rows}x{cols}")
+    sp = tokenizer.special
+    patches = [sp("patch")] * tokens_per_tile
+    ids = [sp("image_start")]
+    if rows * cols > 1:  # the tiles; a single-tile image is only the "global" part below
+        for _ in range(rows):
+            for c in range(cols):
+                ids += patches
+                if c < cols - 1:
+                    ids.append(sp("tile_x_separator"))
+            ids.append(sp("tile_y_separator"))
+    return ids + [sp("image")] + patches + [sp("image_end")]
+
+
+def _image_source(part: dict) -> Any:
+    """Where an image part's pixels live: a URL / data URL / path (OpenAI "image_url"), or HF-style keys."""
+    if part["type"] == "image_url":
+        url = part.get("image_url")
+        return url.get("url") if isinstance(url, dict) else url
+    for key in ("image", "url", "path"):
+        if part.get(key) is not None:
+            return part[key]
+    return None  # a bare {"type": "image"}: the caller supplies the image and its grid
+
+
+def _parts(content: Any) -> list[tuple[str, Any]]:
+    """Content as [("text", str) | ("image", source)]: a string, None, or a list of OpenAI / HF parts."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [("text", content)]
+    out = []
+    for part in content:
+        if isinstance(part, str):
+            out.append(("text", part))
+        elif part.get("type") == "text":
+            out.append(("text", part["text"]))
+        elif part.get("type") in ("image", "image_url"):
+            out.append(("image", _image_source(part)))
+        else:
+            raise ValueError(f"unsupported content part type {part.get('type')!r}")
+    return out
+
+
+def collect_images(messages: Sequence[dict]) -> list[Any]:
+    """Image sources in the order their tokens appear, for `herd.image.preprocess` (None for a bare image part)."""
+    return [src for m in messages if ROLES.get(m.get("role")) != "ipython" for kind, src in _parts(m.get("content"))
+            if kind == "image"]
+
+
+class _Ids:
+    """Token ids under construction: text is buffered and encoded in one piece up to the next control token."""
+
+    def __init__(self, tokenizer: Tokenizer, grids: list, tokens_per_tile: int):
+        self.tok, self.grids, self.tokens_per_tile = tokenizer, grids, tokens_per_tile
+        self.ids: list[int] = []
+        self._text: list[str] = []
+        self.n_images = 0
+
+    def text(self, s: str) -> None:
+        self._text.append(s)
+
+    def special(self, name: str) -> None:
+        self.flush()
+        self.ids.append(self.tok.special(name))
+
+    def image(self) -> None:
+        if self.n_images >= len(self.grids):
+            raise ValueError(f"the messages hold more images than the {len(self.grids)} grids given "
+                             "(pass image_grids from herd.image.preprocess, or use prepare_chat)")
+        rows, cols = self.grids[self.n_images]
+        self.flush()
+        self.ids += image_tokens(self.tok, rows, cols, self.tokens_per_tile)
+        self.n_images += 1
+
+    def header(self, role: str) -> None:
+        self.special("header_start")
+        self.text(role)
+        self.special("header_end")
+        self.text("\n\n")
+
+    def content(self, content: Any, strip: bool = False) -> None:
+        parts = _parts(content)
+        if strip and isinstance(content, str):
+            parts = [("text", content.strip())]
+        for kind, value in parts:
+            if kind == "text":
+                self.text(value)
+            else:
+                self.image()
+
+    def flush(self) -> None:
+        if self._text:
+            self.ids += self.tok.encode("".join(self._text))
+            self._text = []
+
+
+def _tool_call_json(call: dict) -> str:
+    """One OpenAI tool call as the template's `{"name": ..., "parameters": ...}` (arguments parsed if a string)."""
+    fn = call.get("function", call)
+    args = fn.get("arguments", fn.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tool call {fn.get('name')!r} has arguments that are not JSON: {args!r}") from e
+    # The name goes in verbatim and the arguments through json.dumps(ensure_ascii=False): the template's tojson.
+    return '{"name": "' + fn["name"] + '", "parameters": ' + json.dumps(args, ensure_ascii=False) + "}"
+
+
+def _system_text(content: Any) -> str:
+    parts = _parts(content)
+    if any(kind == "image" for kind, _ in parts):
+        raise ValueError("a system message cannot hold images")
+    return "".join(v for _, v in parts).strip()
+
+
+def _turn(out: _Ids, m: dict, style: str) -> None:
+    role = ROLES.get(m.get("role"))
+    if role is None:
+        raise ValueError(f"unknown role {m.get('role')!r}; use one of {sorted(ROLES)}")
+    if role == "ipython":  # tool results are JSON-encoded, strings included (see module docstring)
+        c = m.get("content")
+        out.header("ipython")
+        out.text(json.dumps(c, ensure_ascii=False) if isinstance(c, (str, list, dict)) else str(c))
+    elif role == "assistant" and m.get("tool_calls"):
+        out.header("assistant")
+        out.special("python_start")
+        out.content(m.get("content"))
+        out.special("python_end")
+        for call in m["tool_calls"]:
+            out.text(_tool_call_json(call))
+    else:
+        out.header(role)
+        out.content(m.get("content"))
+    # Meta's format ends an assistant turn that stopped to call a tool with <|eom|> (end of message: a tool result
+    # follows); transformers' template ends every turn with <|eot|>.
+    out.special("eom" if style == "meta" and role == "assistant" and m.get("tool_calls") else "eot")
+
+
+def format_chat(messages: Sequence[dict], tokenizer: Tokenizer, add_generation_prompt: bool = True,
+                image_grids: Sequence[tuple[int, int]] | None = None, tokens_per_tile: int = 144,
+                tools: Sequence[dict] | None = None, style: str = "meta") -> list[int]:
+    """Token ids of a conversation, BOS first. `image_grids` holds (rows, cols) per image in message order
+    (`collect_images` order); `tools` are OpenAI function specs, rendered into the first user message.
+    style="meta" (default) ends assistant tool-call turns with <|eom|> as Meta's reference chat format does;
+    style="transformers" is token-identical to transformers' Llama 4 chat template (<|eot|> everywhere)."""
+    if style not in ("meta", "transformers"):
+        raise ValueError(f"style must be 'meta' or 'transformers', got {style!r}")
+    out = _Ids(tokenizer, list(image_grids or []), tokens_per_tile)
+    out.special("bos")
+    messages = list(messages)
+    if messages and messages[0].get("role") == "system":
+        out.header("system")
+        if tools is not None:
+            out.text("Environment: ipython\n")
+        out.text(_system_text(messages[0].get("content")))
+        out.special("eot")
+        messages = messages[1:]
+    if tools is not None:
+        if not messages:
+            raise ValueError("tools go into the first user message, and there is none")
+        first, messages = messages[0], messages[1:]
+        out.header("user")
+        out.text(TOOLS_PREAMBLE)
+        for t in tools:
+            out.text(json.dumps(t, indent=4, ensure_ascii=False) + "\n\n")
+        out.content(first.get("content"), strip=True)
+        out.special("eot")
+    for m in messages:
+        _turn(out, m, style)
+    if add_generation_prompt:
+        out.header("assistant")
+    out.flush()
+    if out.n_images != len(out.grids):
+        raise ValueError(f"{len(out.grids)} image grids given for {out.n_images} images")
+    return out.ids
+
+
+def prepare_chat(messages: Sequence[dict], tokenizer: Tokenizer, add_generation_prompt: bool = True,
+                 tools: Sequence[dict] | None = None, tile_size: int = 336, max_tiles: int = 16,
+                 tokens_per_tile: int = 144, style: str = "meta"):
+    """Token ids and the preprocessed images (`herd.image.ImageBatch`, or None without images) of a conversation:
+    loads every image source, tiles it, and lays out its tokens by the resulting grid."""
+    sources = collect_images(messages)
+    batch = None
+    if sources:
+        himage = importlib.import_module("herd.image")  # here, not at the top: text-only chat needs no image stack
+
+        if any(s is None for s in sources):
+            raise ValueError("an image part has no source; give it an image_url / url / path")
+        batch = himage.preprocess([himage.load_image(s) for s in sources], tile_size=tile_size, max_tiles=max_tiles)
+    grids = batch.grids if batch is not None else None
+    ids = format_chat(messages, tokenizer, add_generation_prompt, grids, tokens_per_tile, tools, style)
+    return ids, batch
