@@ -1,6 +1,6 @@
 # herd - everything a fresh machine needs comes from here.
 #   make test   create .venv if missing, install torch + herd[dev], run the whole suite
-#   make demo   the README's main job (today: model info and a generation from a tiny model)
+#   make demo   the README's main job (today: model sizes, a tiny multimodal checkpoint, a generation with an image)
 # GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,9 +30,10 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/herd info --preset llama4-scout
 	$(BIN)/herd info --preset llama4-maverick
-	$(BIN)/herd init --preset tiny --out out/tiny-random
+	$(BIN)/herd init --preset tiny --multimodal --out out/tiny-random
 	$(BIN)/herd info --model out/tiny-random
-	$(BIN)/herd generate --model out/tiny-random --prompt-ids 1,15,27,300 --max-new-tokens 48
+	$(BIN)/herd generate --model out/tiny-random --prompt "What is in this picture?" \
+		--image tests/data/images/portrait_h500_w375.jpg --max-new-tokens 48
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py

@@ -2,8 +2,9 @@
 
   herd info --preset llama4-scout        sizes, memory at bf16/fp8/int4, KV-cache cost (no weights allocated)
   herd info --model DIR                  the same for a checkpoint directory
-  herd init --preset tiny --out DIR      write a randomly initialised checkpoint in the Hugging Face format
-  herd generate --model DIR --prompt-ids 1,2,3 --max-new-tokens 32
+  herd init --preset tiny --out DIR [--multimodal]   a random checkpoint in the Hugging Face format
+  herd generate --model DIR --prompt "hi" [--image cat.png]   chat-formatted generation, streamed
+  herd generate --model DIR --prompt-ids 1,2,3        raw token ids in and out
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _config(args):
@@ -41,36 +43,86 @@ def cmd_init(args) -> int:
     cfg = multimodal_preset(args.preset) if args.multimodal else preset(args.preset)
     model = build_model(cfg, dtype=getattr(torch, args.dtype), seed=args.seed)
     model.save_pretrained(args.out)
-    print(f"wrote a random {args.preset} checkpoint to {args.out}")
+    if args.preset.startswith("tiny"):  # tiny presets come with the shipped tiny tokenizer
+        from herd.tokenizer import tiny_tokenizer
+
+        tiny_tokenizer().save(args.out)
+    print(f"wrote a random {args.preset} checkpoint{' with its vision tower' if args.multimodal else ''} to {args.out}")
     return 0
+
+
+def _load(args):
+    """(model, tokenizer or None) from --model DIR, or a random preset model with the tiny tokenizer."""
+    import torch
+
+    from herd.checkpoint import from_pretrained
+    from herd.config import multimodal_preset
+    from herd.model.build import build_model
+    from herd.tokenizer import Tokenizer, tiny_tokenizer
+
+    if args.model:
+        model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        has_tok = (Path(args.model) / "tokenizer.json").is_file()
+        return model.eval(), Tokenizer.from_pretrained(args.model) if has_tok else None
+    model = build_model(multimodal_preset(args.preset), seed=args.seed).eval()
+    return model, tiny_tokenizer() if args.preset.startswith("tiny") else None
+
+
+def _prompt(args, model, tok):
+    """Prompt ids (1, T) and pixel values: raw ids, or a chat turn with optional images."""
+    import torch
+
+    if args.prompt_ids:
+        return torch.tensor([[int(t) for t in args.prompt_ids.split(",") if t.strip()]]), None
+    if tok is None:
+        raise ValueError("this checkpoint has no tokenizer.json: pass --prompt-ids")
+    from herd.chat import prepare_chat
+
+    content = [{"type": "text", "text": args.prompt}] + [{"type": "image_url", "image_url": {"url": p}}
+                                                          for p in args.image]
+    v = getattr(model.config, "vision_config", None)
+    if args.image and v is None:
+        raise ValueError("this is a text-only model: it cannot take --image")
+    kw = dict(tile_size=v.image_size, max_tiles=v.max_tiles, tokens_per_tile=v.tokens_per_tile) if v else {}
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": content}]
+    ids, batch = prepare_chat(messages, tok, **kw)
+    return torch.tensor([ids]), batch.pixel_values if batch is not None else None
 
 
 def cmd_generate(args) -> int:
     import torch
 
-    from herd.checkpoint import from_pretrained
-    from herd.config import preset
+    from herd.image import ImageError
     from herd.infer.generate import generate
-    from herd.model.build import build_model
 
-    if args.model:
-        model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    else:
-        model = build_model(preset(args.preset), seed=args.seed)
+    model, tok = _load(args)
     try:
-        prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-    except ValueError:
-        print(f"error: --prompt-ids must be comma-separated integers, got {args.prompt_ids!r}", file=sys.stderr)
+        ids, pixels = _prompt(args, model, tok)
+    except (ValueError, ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    ids = torch.tensor([prompt or [model.config.bos_token_id or 0]])
+    stream = tok.stream(skip_special=True) if tok is not None and not args.prompt_ids else None
+    text_cfg = getattr(model.config, "text_config", model.config)
+    eos = tok.stop_ids if tok is not None else text_cfg.eos_token_id
+
+    def show(step):  # print text as it is produced, never splitting a UTF-8 character
+        if stream is not None:
+            print(stream.put(int(step[0])), end="", flush=True)
+
     t0 = time.perf_counter()
-    out = generate(model.eval(), ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   generator=torch.Generator().manual_seed(args.seed))
+    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   eos_token_id=eos, generator=torch.Generator().manual_seed(args.seed), pixel_values=pixels,
+                   on_token=show)
     dt = time.perf_counter() - t0
     new = out[0, ids.shape[1]:].tolist()
-    print("prompt ids:", ids[0].tolist())
-    print("new ids:   ", new)
-    print(f"{len(new)} tokens in {dt:.2f}s ({len(new) / dt:.1f} tok/s)")
+    if stream is not None:
+        print(stream.flush())
+    else:
+        print("prompt ids:", ids[0].tolist())
+        print("new ids:   ", new)
+    print(f"[{ids.shape[1]} prompt tokens, {len(new)} new tokens in {dt:.2f}s ({len(new) / dt:.1f} tok/s)]",
+          file=sys.stderr)
     return 0
 
 
@@ -93,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--multimodal", action="store_true", help="with the vision tower (Llama4ForConditionalGeneration)")
     sp.set_defaults(fn=cmd_init)
-    sp = sub.add_parser("generate", help="generate token ids (the tokenizer arrives with the multimodal issue)")
+    sp = sub.add_parser("generate", help="generate from a prompt (chat format, optional images) or raw token ids")
     source(sp)
-    sp.add_argument("--prompt-ids", default="", help="comma-separated token ids")
+    sp.add_argument("--prompt", default="Describe this.", help="user message, sent in the Llama 4 chat format")
+    sp.add_argument("--image", action="append", default=[], help="image path or data URL (repeatable)")
+    sp.add_argument("--system", default=None, help="system prompt")
+    sp.add_argument("--prompt-ids", default="", help="comma-separated token ids instead of --prompt")
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp.add_argument("--temperature", type=float, default=0.0)
     sp.add_argument("--top-p", type=float, default=None)

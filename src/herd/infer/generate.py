@@ -35,12 +35,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
              generator: torch.Generator | None = None, use_cache: bool = True,
-             pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+             pixel_values: torch.Tensor | None = None, on_token=None) -> torch.Tensor:
     """Return (B, T + n) ids: the prompt followed by up to `max_new_tokens` new tokens per row.
 
     Rows that emit an end-of-sequence id are padded with `pad_token_id` afterwards; generation stops early once
     every row has finished. For a multimodal model, `pixel_values` (tiles of every image, in prompt order) are
-    encoded once, with the prompt; decode steps only read the cache.
+    encoded once, with the prompt; decode steps only read the cache. `on_token(ids)` is called with each step's
+    new tokens (B,) as they are produced, for streaming.
     """
     from herd.model.cache import KVCache
 
@@ -62,6 +63,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
+        if on_token is not None:
+            on_token(nxt)
         mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
         step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
         if eos.numel():
