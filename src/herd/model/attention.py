@@ -95,6 +95,28 @@ def build_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, pad: torch.Tensor | Non
     return allowed
 
 
+def doc_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document (B, T) for packed rows of doc ids (B, T), e.g. [7,7,7,9,9] ->
+    [0,1,2,0,1]. A new document starts wherever the id changes."""
+    T = doc_ids.shape[1]
+    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(-1).values
+
+
+def build_doc_mask(doc_ids: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Attend-mask (B, 1, T, T) for packed training rows: causal, never across documents, and (with `chunk`) chunks
+    aligned to each document's own start - exactly what each document would see alone at inference."""
+    T = doc_ids.shape[1]
+    idx = torch.arange(T, device=doc_ids.device)
+    allowed = (idx[None, :] <= idx[:, None])[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
+    if chunk is not None:
+        c = torch.div(doc_positions(doc_ids), chunk, rounding_mode="floor")
+        allowed = allowed & (c[:, :, None] == c[:, None, :])
+    return allowed[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -121,8 +143,9 @@ class Attention(nn.Module):
         if self.use_qk_norm:  # per head, after RoPE
             q, k = rms_unit(q, self.eps), rms_unit(k, self.eps)
         if self.temperature_tuning:
-            # Queries (not logits) are scaled, by absolute cache position, and cast back like the reference does.
-            s = temperature_scale(q_pos, self.floor_scale, self.attn_scale).view(1, T, 1, 1)
+            # Queries (not logits) are scaled, by absolute cache position (position in the document when packed),
+            # and cast back like the reference does.
+            s = temperature_scale(q_pos, self.floor_scale, self.attn_scale).view(-1, T, 1, 1)
             q = (q * s).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:

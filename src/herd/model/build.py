@@ -32,6 +32,10 @@ def allocate(model: Model, device: str | torch.device) -> Model:
     text = model.language_model if isinstance(model, Llama4ForConditionalGeneration) else model
     if text.config.tie_word_embeddings:  # to_empty breaks the tie; restore it
         text.lm_head.weight = text.model.embed_tokens.weight
+    with torch.no_grad():  # buffers outside the checkpoint start at their defined values, not at garbage
+        for layer in text.model.layers:
+            if layer.is_moe:
+                layer.feed_forward.router.expert_bias.zero_()
     return model
 
 

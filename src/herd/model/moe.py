@@ -52,15 +52,23 @@ class Experts(nn.Module):
 
 
 class Router(nn.Linear):
-    """Linear scorer over experts; returns (expert ids, sigmoid weights, raw logits)."""
+    """Linear scorer over experts; returns (expert ids, sigmoid weights, raw logits).
+
+    `expert_bias` (E,) is the auxiliary-loss-free load-balancing bias (Wang et al. 2024, arXiv:2408.15664; used by
+    DeepSeek-V3): it shifts which experts are CHOSEN, never the weights, and training nudges it toward balance. It is
+    zero for released checkpoints and is not part of the Hugging Face format (herd's training checkpoints keep it).
+    """
 
     def __init__(self, hidden: int, n_experts: int, top_k: int):
         super().__init__(hidden, n_experts, bias=False)
         self.top_k = top_k
+        self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=False)
 
     def forward(self, x: torch.Tensor):
         logits = super().forward(x)  # (N, E)
-        top_logit, top_idx = torch.topk(logits, self.top_k, dim=1)  # (N, k); ties resolved as torch.topk does
+        # topk over (logits + 0) picks exactly what topk over logits picks; ties resolved as torch.topk does
+        top_idx = torch.topk(logits + self.expert_bias.to(logits.dtype), self.top_k, dim=1).indices  # (N, k)
+        top_logit = logits.gather(1, top_idx)
         weights = torch.sigmoid(top_logit.float()).to(x.dtype)  # (N, k) sigmoid in fp32, like the reference
         return top_idx, weights, logits
 

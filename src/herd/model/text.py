@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from herd.config import TextConfig
-from herd.model.attention import Attention, build_mask, rope_inv_freq, rope_phases
+from herd.model.attention import Attention, build_doc_mask, build_mask, doc_positions, rope_inv_freq, rope_phases
 from herd.model.moe import MLP, MoE
 
 
@@ -80,11 +80,11 @@ class Llama4ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache=None, return_router_logits: bool = False, logits_to_keep: int = 0,
-                inputs_embeds: torch.Tensor | None = None):
+                inputs_embeds: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
         if pixel_values is not None:
             raise ValueError("this is a text-only Llama4ForCausalLM: it has no vision tower for pixel_values")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        h, router_logits = self.decode(x, attention_mask, position_ids, cache)
+        h, router_logits = self.decode(x, attention_mask, position_ids, cache, doc_ids)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)  # (B, T, V)
@@ -99,10 +99,16 @@ class Llama4ForCausalLM(nn.Module):
             raise ValueError(f"token id {bad} is outside the vocabulary (size {V})")
         return self.model.embed_tokens(input_ids)
 
-    def decode(self, x, attention_mask=None, position_ids=None, cache=None):
-        """Run the decoder stack on embeddings x (B, T, D); returns (normed hidden states, router logits)."""
+    def decode(self, x, attention_mask=None, position_ids=None, cache=None, doc_ids=None):
+        """Run the decoder stack on embeddings x (B, T, D); returns (normed hidden states, router logits).
+
+        `doc_ids` (B, T) marks packed documents (training): attention never crosses a document boundary, and
+        positions, chunks and temperature restart at each document, as if every document ran alone.
+        """
         cfg = self.config
         B, T, _ = x.shape
+        if doc_ids is not None:
+            return self._decode_packed(x, doc_ids.to(x.device), position_ids)
         seen = cache.seen if cache is not None else 0
         q_pos = torch.arange(seen, seen + T, device=x.device)  # absolute cache positions (padding included)
         if attention_mask is not None:
@@ -125,6 +131,19 @@ class Llama4ForCausalLM(nn.Module):
                 router_logits.append(logits)
         if cache is not None:
             cache.advance(T)
+        return self.model.norm(x), router_logits
+
+    def _decode_packed(self, x, doc_ids, position_ids=None):
+        if doc_ids.shape != x.shape[:2]:
+            raise ValueError(f"doc_ids must be (batch, seq) = {tuple(x.shape[:2])}, got {tuple(doc_ids.shape)}")
+        pos = doc_positions(doc_ids)  # (B, T)
+        phases = rope_phases(pos if position_ids is None else position_ids.to(x.device), self._inv_freq)
+        masks = {False: build_doc_mask(doc_ids, None), True: build_doc_mask(doc_ids, self.config.attention_chunk_size)}
+        router_logits = []
+        for layer in self.model.layers:
+            x, logits = layer(x, phases, pos, masks[layer.chunked])
+            if logits is not None:
+                router_logits.append(logits)
         return self.model.norm(x), router_logits
 
     # ---- construction helpers ------------------------------------------------------------------------------------
