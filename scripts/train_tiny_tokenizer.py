@@ -1,11 +1,12 @@
 """Train the tiny tokenizer shipped in src/herd/assets/tiny-tokenizer/ (2048 ids: 904 BPE ranks + the 1144 named
-Llama 4 special tokens, so it fits the tiny presets' vocab_size of 2048).
+Llama 4 special tokens, so it fits the tiny presets' vocab_size of 2048 and the special ids stay put: bos 904,
+eot 912, image_start 984, patch 996).
 
-Corpus: the docstrings of the Python standard library this interpreter ships (modules, classes, functions; test
-packages, idlelib and site-packages left out), read with `ast` without importing anything: about 1.7 MB of English
-technical prose with code examples, under the PSF License (Python Software Foundation License Version 2), which allows
-derived works. Only the trained tokenizer is committed, not the corpus; the corpus's SHA-256 and the Python version
-are written next to it so a rebuild can be checked (the text changes between Python releases).
+Corpus: the training split of herd's built-in corpus (herd.data.corpus: Austen, the World English Bible,
+Shakespeare, Milton, WordNet glosses; ~26 MB, public domain / permissive, see src/herd/data/corpus/PROVENANCE.md),
+so the tiny models train on text their tokenizer was fitted to. The validation split is never seen by the BPE
+trainer; the compression printed and recorded in training.json is measured on it. The corpus's SHA-256 is written
+next to the tokenizer so a rebuild can be checked.
 
     .venv/bin/python scripts/train_tiny_tokenizer.py                 # rewrites src/herd/assets/tiny-tokenizer/
     .venv/bin/python scripts/train_tiny_tokenizer.py --dump-corpus corpus.txt --out /tmp/tok
@@ -14,35 +15,18 @@ are written next to it so a rebuild can be checked (the text changes between Pyt
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
+from herd.data.corpus import documents
 from herd.tokenizer import TINY_TOKENIZER_DIR, train_bpe
 
-SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
 
-
-def stdlib_docstrings() -> list[str]:
-    """Every docstring of the standard library's .py files, in sorted path order (deterministic)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for path in sorted(root.rglob("*.py")):
-        if SKIP_DIRS & set(path.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):  # a few files are deliberately broken or not UTF-8
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                if doc := ast.get_docstring(node):
-                    docs.append(doc)
-    return docs
+def bytes_per_token(tok, texts: list[str]) -> float:
+    return sum(len(t.encode()) for t in texts) / sum(len(ids) for ids in tok.encode_batch(texts))
 
 
 def main() -> int:
@@ -53,10 +37,10 @@ def main() -> int:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    docs = stdlib_docstrings()
+    docs, val = documents("train"), documents("val")
     text = "\n\n".join(docs)
     sha = hashlib.sha256(text.encode()).hexdigest()
-    print(f"corpus: {len(docs)} docstrings, {len(text.encode()) / 1e6:.2f} MB, sha256 {sha[:16]}..., "
+    print(f"corpus: {len(docs)} documents, {len(text.encode()) / 1e6:.2f} MB, sha256 {sha[:16]}..., "
           f"read in {time.perf_counter() - t0:.1f} s")
     if args.dump_corpus:
         Path(args.dump_corpus).write_text(text)
@@ -67,17 +51,17 @@ def main() -> int:
     if tok.vocab_size != args.vocab_size:  # the corpus had too few distinct pairs to fill the ranks
         print(f"warning: vocab_size is {tok.vocab_size}, asked for {args.vocab_size}", file=sys.stderr)
 
-    sample = text[:200_000]
-    n = len(tok.encode(sample))
-    print(f"compression on the first 200k chars: {len(sample.encode()) / n:.2f} bytes/token")
+    bpt = bytes_per_token(tok, val)
+    print(f"compression on the validation split: {bpt:.3f} bytes/token")
     print(f"ids: bos {tok.bos_id}, eot {tok.special('eot')}, pad {tok.pad_id}, image_start "
           f"{tok.special('image_start')}, image_end {tok.special('image_end')}, patch {tok.special('patch')}")
 
     out = Path(args.out)
     tok.save(out)
-    meta = {"corpus": "Python standard library docstrings (PSF License Version 2)", "python": sys.version.split()[0],
-            "docstrings": len(docs), "corpus_bytes": len(text.encode()), "corpus_sha256": sha,
-            "vocab_size": tok.vocab_size, "n_ranks": tok.n_ranks, "special_tokens": len(tok.specials)}
+    meta = {"corpus": "herd built-in corpus, train split (src/herd/data/corpus/PROVENANCE.md)",
+            "documents": len(docs), "corpus_bytes": len(text.encode()), "corpus_sha256": sha,
+            "val_bytes_per_token": round(bpt, 4), "vocab_size": tok.vocab_size, "n_ranks": tok.n_ranks,
+            "special_tokens": len(tok.specials)}
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
