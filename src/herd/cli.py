@@ -5,6 +5,9 @@
   herd init --preset tiny --out DIR [--multimodal]   a random checkpoint in the Hugging Face format
   herd generate --model DIR --prompt "hi" [--image cat.png]   chat-formatted generation, streamed
   herd generate --model DIR --prompt-ids 1,2,3        raw token ids in and out
+  herd train --preset tiny --out runs/x [--max-steps N] [--config FILE] [--key=value ...]
+  herd train --resume runs/x [--max-steps N]          continue a run exactly from its newest checkpoint
+  herd midtrain --init runs/x --out runs/x-long       continue at a longer context (see herd.train.cli)
 """
 
 from __future__ import annotations
@@ -127,7 +130,8 @@ def cmd_generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="herd", description="Llama 4 in PyTorch: model, checkpoints, generation.")
+    p = argparse.ArgumentParser(prog="herd",
+                                description="Llama 4 in PyTorch: model, checkpoints, generation, training.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def source(sp, default_preset="tiny"):
@@ -157,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_generate)
+    from herd.train.cli import add_train_parser
+
+    add_train_parser(sub)
     args = p.parse_args(argv)
     from herd.checkpoint import CheckpointError
     from herd.config import ConfigError

@@ -1,0 +1,149 @@
+"""`herd train` and `herd midtrain`: argument parsing over herd.train (the library does the work).
+
+  herd train --preset tiny --out runs/x [--max-steps N] [--config FILE] [key=value ...] [--key=value ...]
+  herd train --resume runs/x [--max-steps N]          continue a run from its newest checkpoint, exactly
+  herd midtrain --init runs/x --out runs/x-long [--seq-len 256] [--data builtin+passkey+kv] [--max-steps N]
+
+Settings are applied in order: the preset (or, when resuming, the run's own train_config.json), the --config file
+(JSON or TOML), then key=value items (written together, after the options); every TrainConfig field is also
+accepted as --key=value / --key value, and `model.FIELD=value` changes the model preset. `--max-steps N` stops
+after step N; a fresh run that did not set `steps` also plans its schedule over N steps. Resuming past the planned
+`steps` continues at the final LR.
+
+Mid-training continues from a finished (or running) run's newest checkpoint - weights and expert biases, with a
+fresh optimizer and schedule - at a longer sequence length, keeping the tokens per step of the run (fewer, longer
+rows). The run's own settings carry over except the schedule, which comes from the "tiny-midtrain" preset (short
+warmup, lower LR), and the data, to which passkey and key-value retrieval documents of about seq_len tokens are
+added (herd.data.synthetic); anything given on the command line comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+EXPLICIT = {"out_dir", "max_steps", "init", "data", "seq_len"}  # fields with their own documented flags
+STAGE = ("steps", "warmup", "lr", "min_lr", "eval_every", "ckpt_every")  # what mid-training takes from its preset
+LONG = ("passkey", "kv")  # long-context sources mid-training adds to the run's data
+
+
+def add_train_parser(subparsers) -> None:
+    from herd.train.config import TrainConfig
+
+    def common(sp):
+        sp.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, plots, hf/)")
+        sp.add_argument("--max-steps", type=int, help="stop after this step")
+        sp.add_argument("--config", help="JSON or TOML file of TrainConfig fields")
+        sp.add_argument("--data", help="sources joined by '+': builtin, passkey, kv, or .txt / .jsonl paths")
+        sp.add_argument("--seq-len", "--seq_len", dest="seq_len", type=int,
+                        help="tokens per row (midtrain default: 4x the run's)")
+        sp.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig fields, e.g. lr=1e-3")
+        for f in dataclasses.fields(TrainConfig):  # every field as --key=value (hidden from --help: see the docs)
+            if f.name not in EXPLICIT:
+                names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
+                sp.add_argument(*names, dest=f"set_{f.name}", metavar="VALUE", help=argparse.SUPPRESS)
+
+    sp = subparsers.add_parser("train", help="pretrain a model (tiny presets run on a laptop CPU)",
+                               description="Train from scratch or resume. Any TrainConfig field: --key=value.")
+    sp.add_argument("--preset", default="tiny", help="training preset (herd.train.config.TRAIN_PRESETS)")
+    sp.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                    help="continue the run in DIR (or in --out) from its newest checkpoint")
+    sp.add_argument("--init", help="start from these weights (a run directory or a Hugging Face checkpoint)")
+    common(sp)
+    sp.set_defaults(fn=run_train, stage="train")
+    sp = subparsers.add_parser("midtrain", help="continue a run at a longer context (mid-training)",
+                               description="Continue from a run's checkpoint at a longer sequence length.")
+    sp.add_argument("--init", required=True, help="the run to continue from (its directory or a checkpoint)")
+    sp.add_argument("--resume", action="store_true", help="continue this mid-training run from its checkpoint")
+    common(sp)
+    sp.set_defaults(fn=run_train, stage="midtrain", preset="tiny-midtrain")
+
+
+def _overrides(args) -> list[str]:
+    items = list(args.overrides)
+    for key, v in vars(args).items():
+        if key.startswith("set_") and v is not None:
+            items.append(f"{key.removeprefix('set_')}={v}")
+    for key in ("data", "seq_len", "init"):
+        if getattr(args, key, None) is not None:
+            items.append(f"{key}={getattr(args, key)}")
+    return items
+
+
+def _midtrain_base(args):
+    """The run's own config with the mid-training schedule, at the new length with the run's tokens per step."""
+    from herd.train.config import from_dict, load_file, train_preset
+
+    stage = train_preset(args.preset)
+    init = Path(args.init)  # a run directory, or one of its checkpoints (run/ckpt/step_N)
+    saved = [f for d in (init, init.parent, init.parent.parent) if (f := d / "train_config.json").is_file()]
+    run = from_dict(load_file(saved[0])) if saved else train_preset("tiny")
+    seq_len = args.seq_len or 4 * run.seq_len
+    batch = max(1, run.batch_size * run.seq_len // seq_len)
+    data = "+".join([run.data] + [s for s in LONG if s not in run.data.split("+")])
+    return run.replace(**{k: getattr(stage, k) for k in STAGE}, max_steps=None, seq_len=seq_len, batch_size=batch,
+                       data=data)
+
+
+def build_config(args):
+    """(TrainConfig, resume) from parsed `herd train` / `herd midtrain` arguments."""
+    from herd.train.config import from_dict, load_file, train_preset, with_overrides
+
+    out = args.resume if isinstance(args.resume, str) else args.out
+    if args.resume and not out:
+        raise ValueError("--resume needs the run directory: --resume DIR or --out DIR")
+    if args.stage == "midtrain" and not out:
+        raise ValueError("midtrain needs --out: a new directory for the mid-training run")
+    saved = Path(out) / "train_config.json" if out else None
+    if args.resume and saved.is_file():
+        cfg = from_dict(load_file(saved))  # the run's own settings; the command line may still change some
+    elif args.stage == "midtrain":
+        cfg = _midtrain_base(args)
+    else:
+        cfg = train_preset(args.preset)
+    explicit_steps = False
+    if args.config:
+        file = load_file(args.config)
+        explicit_steps = "steps" in file
+        cfg = from_dict(file, base=cfg)
+    items = _overrides(args)
+    explicit_steps |= any(i.removeprefix("--").split("=")[0] == "steps" for i in items)
+    cfg = with_overrides(cfg, items)
+    if out:
+        cfg = cfg.replace(out_dir=str(out))
+    if args.max_steps is not None:
+        fresh = not (args.resume and saved.is_file())
+        if fresh and not explicit_steps:  # plan the schedule over the requested length
+            warmup = cfg.warmup if cfg.warmup <= args.max_steps else args.max_steps // 10
+            cfg = cfg.replace(steps=max(args.max_steps, 1), warmup=warmup)
+        cfg = cfg.replace(max_steps=args.max_steps)
+    return cfg, bool(args.resume)
+
+
+def run_train(args) -> int:
+    from herd.config import ConfigError
+    from herd.train.trainer import TrainingDiverged, train
+
+    try:
+        cfg, resume = build_config(args)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    what = "mid-training" if args.stage == "midtrain" else "training"
+    print(f"{what} {cfg.init or cfg.model} -> {cfg.out_dir}: {cfg.stop_step} steps of {cfg.batch_size}x"
+          f"{cfg.seq_len} tokens x {cfg.grad_accum}, {cfg.dtype}, lr {cfg.lr} ({cfg.schedule})", flush=True)
+    try:
+        summary = train(cfg, resume=resume)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (FileExistsError, FileNotFoundError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    val = f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
+    bpb = f", {summary['val_bpb']:.4f} bits/byte" if summary.get("val_bpb") is not None else ""
+    print(f"done: step {summary['step']}{val}{bpb} in {summary['time_s']:.0f}s; checkpoint {summary['checkpoint']}"
+          + (f"; Hugging Face weights in {summary['hf']}" if summary["hf"] else ""))
+    return 0

@@ -1,0 +1,269 @@
+"""The training run's typed config: one dataclass, named presets, files and `key=value` overrides.
+
+Design (style.md lessons 3-4; nanoGPT's configurator, typed): a run is a `TrainConfig`; a variant is
+`train_preset("tiny").replace(lr=1e-3)`. Files (JSON or TOML) and command-line `key=value` items are a thin layer
+on top: every key must be a field (unknown keys fail with a did-you-mean), every value is converted to the field's
+declared type or fails naming the key, and `__post_init__` checks the invariants the trainer relies on.
+
+Model shape comes from a herd preset (`model`) plus `model_overrides` (TextConfig fields; `model.hidden_size=128` on
+the command line), or from `init`, a checkpoint to start from (a training run's directory or a Hugging Face one).
+
+`steps` is the planned length of the run (the LR schedule is laid out over it); `max_steps` only says where this
+invocation stops, so a run stopped at k and resumed to `steps` follows the same schedule as one never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from herd.config import PRESETS, ConfigError
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("float32", "bfloat16")
+BALANCE = ("aux_free", "aux_loss", "none")
+ALPHA_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # --- model and data ---
+    model: str = "tiny"  # herd preset name (herd.config.PRESETS); ignored when `init` is set
+    model_overrides: dict = field(default_factory=dict)  # TextConfig fields changed from the preset
+    init: str | None = None  # start from these weights: a training out_dir / step dir, or a Hugging Face dir
+    tokenizer: str = "tiny"  # "tiny" (shipped with herd) or a directory holding tokenizer.json
+    data: str = "builtin"  # sources joined by "+": builtin (the corpus), passkey, kv, or .txt / .jsonl paths
+    seq_len: int = 64
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    steps: int = 600  # planned run length: the LR schedule spans it
+    max_steps: int | None = None  # stop this invocation after this step (None: `steps`)
+    # --- optimizer (AdamW) and schedule ---
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 30
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    decay_frac: float = 0.2  # wsd: share of the steps spent in the final linear decay
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices and embeddings only; norms are never decayed
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    dtype: str = "float32"  # float32, or bfloat16 autocast (weights and optimizer stay float32)
+    device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1 ...
+    seed: int = 0
+    # --- evaluation, logging, checkpoints ---
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    keep_last: int = 2
+    log_every: int = 10
+    peak_flops: float | None = None  # FLOP/s one device can do, for MFU; None: measured/published defaults
+    # --- MoE load balancing ---
+    balance: str = "aux_free"  # aux_free (bias update, arXiv:2408.15664) | aux_loss (Switch) | none
+    bias_rate: float = 1e-3  # aux_free: bias step per optimizer step
+    aux_coef: float = 1e-3  # aux_loss: weight of the Switch loss (transformers' router_aux_loss_coef)
+    # --- MetaP, FP8 ---
+    metap: bool = False
+    base_width: int = 64  # MetaP: width and depth the LR was tuned at
+    base_depth: int = 4
+    fp8: bool = False
+    # --- distillation (a frozen teacher on the same batch) ---
+    teacher: str | None = None
+    alpha: float = 0.5  # weight of the KL term at the start
+    alpha_end: float | None = None  # at the end (None: constant alpha)
+    alpha_schedule: str = "constant"  # constant | linear | cosine
+    tau: float = 1.0
+    # --- outputs ---
+    out_dir: str = "runs/tiny"
+    export: bool = True  # write out_dir/hf (Hugging Face format + tokenizer) when the run ends
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        checks = [
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
+            (self.balance in BALANCE, f"balance must be one of {BALANCE}, got {self.balance!r}"),
+            (self.alpha_schedule in ALPHA_SCHEDULES,
+             f"alpha_schedule must be one of {ALPHA_SCHEDULES}, got {self.alpha_schedule!r}"),
+            (min(self.seq_len, self.batch_size, self.grad_accum, self.steps) > 0,
+             "seq_len, batch_size, grad_accum and steps must be positive"),
+            (self.max_steps is None or self.max_steps >= 0, "max_steps must be >= 0"),
+            (0 <= self.warmup <= self.steps, f"warmup ({self.warmup}) must be within 0..steps ({self.steps})"),
+            (0 <= self.min_lr <= self.lr, f"need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})"),
+            (0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)"),
+            (min(self.eval_every, self.eval_batches, self.ckpt_every, self.keep_last, self.log_every) > 0,
+             "eval_every, eval_batches, ckpt_every, keep_last and log_every must be positive"),
+            (0 <= self.alpha <= 1 and (self.alpha_end is None or 0 <= self.alpha_end <= 1), "alpha must be in [0, 1]"),
+            (self.tau > 0, "tau must be > 0"),
+            (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        self.model_overrides = _model_overrides(self.model_overrides)
+        if self.init is None and self.model not in PRESETS:
+            raise ConfigError(f"unknown model preset {self.model!r}; choose one of {sorted(PRESETS)}")
+
+    def replace(self, **kw) -> TrainConfig:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values (also what a training checkpoint stores)."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(d["betas"])
+        return d
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @property
+    def stop_step(self) -> int:
+        return self.steps if self.max_steps is None else self.max_steps
+
+
+# Named runs at tiny scale. "tiny" trains the tiny preset on the built-in corpus in a few minutes on 2 CPU cores;
+# "smoke" is seconds (tests, CI); "tiny-midtrain" continues a tiny run at 4x the context.
+TRAIN_PRESETS: dict[str, dict] = {
+    # bias_rate 1e-2, not torchtitan's 1e-3: runs of hundreds of steps need the faster pull (on tiny, 300 steps end
+    # at max/mean expert load 1.2 with 1e-2 vs 1.8 with 1e-3, at the same validation loss)
+    "tiny": dict(bias_rate=1e-2),
+    "tiny-maverick": dict(model="tiny-maverick", bias_rate=1e-2),
+    "smoke": dict(bias_rate=1e-2, seq_len=32, batch_size=4, steps=12, warmup=2, eval_every=6, eval_batches=2,
+                  ckpt_every=6, log_every=2, out_dir="runs/smoke"),
+    "tiny-midtrain": dict(bias_rate=1e-2, seq_len=256, batch_size=4, steps=200, warmup=10, lr=1e-3, min_lr=1e-4,
+                          data="builtin+passkey+kv", eval_every=50, ckpt_every=100, out_dir="runs/tiny-midtrain"),
+}
+
+
+def train_preset(name: str, **overrides) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ConfigError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    return from_dict({**TRAIN_PRESETS[name], **overrides})
+
+
+# ---- files and key=value overrides ---------------------------------------------------------------------------------
+def load_file(path: str | Path) -> dict:
+    """The raw dict of a .json or .toml config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e}") from e
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError and TOMLDecodeError are both ValueErrors
+        raise ConfigError(f"{p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from e
+
+
+def from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """A config from a dict of field values (typed and checked). A "preset" key picks the base preset."""
+    d = dict(d)
+    if "preset" in d:
+        base = train_preset(d.pop("preset"))
+    hints = typing.get_type_hints(TrainConfig)
+    values = {}
+    for key, v in d.items():
+        _known(key, hints, "training config")
+        values[key] = _coerce(key, hints[key], v)
+    if base is None:
+        return TrainConfig(**values)
+    if "model_overrides" in values:  # a file's [model_overrides] table adds to the base's, key by key
+        values["model_overrides"] = {**base.model_overrides, **values["model_overrides"]}
+    return base.replace(**values)
+
+
+def with_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
+    """Apply `key=value` strings (`--key=value` also accepted; `model.KEY=value` changes a model field)."""
+    values, model = {}, {}
+    for item in items:
+        key, sep, v = item.removeprefix("--").partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key = key.strip().replace("-", "_")
+        if key.startswith("model."):
+            model[key.removeprefix("model.")] = _parse_literal(v)
+        else:
+            values[key] = v
+    if model:
+        values["model_overrides"] = {**cfg.model_overrides, **model}
+    return from_dict(values, base=cfg)
+
+
+def _known(key: str, hints: dict, what: str) -> None:
+    if key not in hints:
+        close = difflib.get_close_matches(key, list(hints), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(hints))}"
+        raise ConfigError(f"unknown {what} key {key!r}{hint}")
+
+
+def _parse_literal(v: str):
+    """A model override given as text: JSON when it parses (numbers, lists, true/false/null), else the string."""
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+
+
+def _coerce(key: str, tp, v):
+    """v (a string from the command line, or a JSON/TOML value) as type tp, or a ConfigError naming the key."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `X | None`
+        if v is None or (isinstance(v, str) and v.lower() in ("none", "null", "")):
+            return None
+        return _coerce(key, next(a for a in args if a is not type(None)), v)
+    try:
+        if tp is bool:
+            if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return v.lower() in ("1", "true", "yes", "on")
+            if isinstance(v, bool):
+                return v
+        elif tp is int:
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            if isinstance(v, str) or (isinstance(v, float) and v.is_integer()):
+                return int(float(v)) if isinstance(v, str) and "e" in v.lower() else int(v)
+        elif tp is float:
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                return float(v)
+        elif tp is str:
+            if isinstance(v, str):
+                return v
+        elif typing.get_origin(tp) is tuple:
+            parts = v.split(",") if isinstance(v, str) else list(v)
+            if len(parts) == len(args):
+                return tuple(_coerce(key, a, p) for a, p in zip(args, parts, strict=True))
+        elif tp is dict or typing.get_origin(tp) is dict:
+            if isinstance(v, str):
+                v = json.loads(v)
+            if isinstance(v, dict):
+                return v
+    except (ValueError, TypeError):
+        pass
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key}: expected {name}, got {v!r}")
+
+
+def _model_overrides(d: dict) -> dict:
+    """Check model overrides against TextConfig's fields and types (values are JSON-like already)."""
+    from herd.config import TextConfig
+
+    hints = typing.get_type_hints(TextConfig)
+    out = {}
+    for k, v in d.items():
+        _known(k, hints, "model")
+        tp = hints[k]
+        simple = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        # scalar fields are type-checked here; structured ones (lists, dicts) are checked by TextConfig itself
+        out[k] = _coerce(f"model.{k}", tp, v) if len(simple) == 1 and simple[0] in (int, float, bool, str) else v
+    return out

@@ -1,0 +1,98 @@
+"""PNG plots of a run, drawn from its metrics.jsonl alone (so they can be redrawn for any run, finished or not).
+
+- loss.png: training loss (every step, faint, and a moving average) and validation loss against the step;
+  validation bits per byte on a second axis when it was measured;
+- expert_load.png: one panel per MoE layer, the share of tokens each expert received over time. With perfect
+  balance every line sits at 1/E (dashed); aux-loss-free balancing should pull the lines toward it.
+
+matplotlib's Agg backend: files only, no display needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(records: list[dict], path: str | Path) -> None:
+    plt = _pyplot()
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps, loss = [r["step"] for r in train], [r["loss"] for r in train]
+    ax.plot(steps, loss, color="tab:blue", lw=0.6, alpha=0.35)
+    k = max(1, len(loss) // 40)  # moving average over ~1/40 of the run: the trend through step-to-step noise
+    avg = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
+    ax.plot(steps, avg, color="tab:blue", lw=1.5, label=f"train loss ({k}-step mean)" if k > 1 else "train loss")
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:orange", label="val loss", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    bpb = [r for r in val if r.get("val_bpb") is not None]
+    if bpb:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in bpb], [r["val_bpb"] for r in bpb], "s--", color="tab:green", ms=3,
+                 label="val bits/byte")
+        ax2.set_ylabel("bits per byte")
+        ax2.legend(loc="upper right", bbox_to_anchor=(1, 0.82))
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    ax.set_title("loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_expert_load(records: list[dict], path: str | Path) -> bool:
+    """Returns False (and writes nothing) when the run logged no expert loads (a dense model)."""
+    train = [r for r in records if r.get("kind") == "train" and r.get("expert_load")]
+    if not train:
+        return False
+    plt = _pyplot()
+    steps = [r["step"] for r in train]
+    n_layers, n_experts = len(train[0]["expert_load"]), len(train[0]["expert_load"][0])
+    cols = min(n_layers, 4)
+    rows = math.ceil(n_layers / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    for layer in range(n_layers):
+        ax = axes[layer // cols][layer % cols]
+        for e in range(min(n_experts, 16)):  # beyond 16 lines a panel is unreadable; the first 16 show the trend
+            ax.plot(steps, [r["expert_load"][layer][e] for r in train], lw=1)
+        ax.axhline(1 / n_experts, color="k", ls="--", lw=0.8)
+        ax.set_title(f"MoE layer {layer}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for k in range(n_layers, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].set_ylabel("share of tokens")
+    fig.suptitle(f"expert load ({n_experts} experts; dashed: uniform)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_run(out_dir: str | Path) -> list[Path]:
+    """Draw every plot of a run into out_dir; returns the files written."""
+    out = Path(out_dir)
+    records = read_metrics(out)
+    written = []
+    if any(r.get("kind") == "train" for r in records):
+        plot_loss(records, out / "loss.png")
+        written.append(out / "loss.png")
+    if plot_expert_load(records, out / "expert_load.png"):
+        written.append(out / "expert_load.png")
+    return written

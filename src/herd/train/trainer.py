@@ -1,0 +1,462 @@
+"""The pretraining / mid-training loop: `train(cfg) -> summary`, and `train(cfg, resume=True)` to continue a run.
+
+One step: `grad_accum` packed micro-batches (herd.data.packing: documents packed into rows, attention kept inside
+each document through `doc_ids`), cross-entropy over every target that is not -100, averaged over the whole step's
+targets (so accumulation gives exactly the big-batch loss), plus MoE balancing, AdamW with the schedule
+(herd.train.schedule), global-norm clipping. bfloat16 runs under autocast with float32 weights and optimizer state.
+
+MoE balancing (spec 2.4): `aux_free` (default) counts the tokens each expert receives over the step and nudges the
+routers' selection biases toward the mean before the optimizer step (as torchtitan's pre-step hook, so it composes
+with accumulation); `aux_loss` adds transformers' Switch loss times `aux_coef`; loads are logged and plotted always.
+
+Measures (documented here because numbers mean nothing without their definitions):
+- bits per byte = total nats / (ln 2 * total UTF-8 bytes of the evaluated text), where the evaluated text is the
+  bytes of the target tokens. Special-token targets (document separators) stand for no text, so they are left out of
+  both sums (nanochat's convention); `val_loss` is the plain mean over all targets. Tokenizer-independent.
+- FLOPs per token (training, forward + backward) = 6 x active parameters, leaving out the input embedding (a lookup,
+  not a matmul), + 12 x heads x head_dim x context per layer for the attention scores and values (PaLM, arXiv:
+  2204.02311, appendix B), with context = seq_len for global (NoPE) layers and min(seq_len, chunk) for chunked ones.
+- MFU = FLOPs per token x tokens/s per device / peak FLOP/s of one device (`peak_flops`; defaults: the measured
+  matmul peak of herd's 2-core development CPU, 190e9 float32 / 420e9 bfloat16, and published dense peaks for GPUs).
+  A distillation teacher's forward pass is not counted: MFU measures the student's training.
+
+A non-finite loss or gradient norm stops the run before the weights are touched, with a `TrainingDiverged` error
+naming the last good checkpoint (none is written after the failure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from herd.train import checkpoint as ckpt
+from herd.train.config import TrainConfig
+from herd.train.schedule import lr_factor
+
+IGNORE = -100
+CPU_PEAK = {"float32": 190e9, "bfloat16": 420e9}  # measured matmul peak of the 2-core development machine
+# settings that may change on resume without changing the run's numbers
+RUNTIME_ONLY = ("max_steps", "out_dir", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last",
+                "peak_flops", "export", "plots", "device")
+GPU_PEAK = {"H100": (67e12, 989e12), "H200": (67e12, 989e12), "A100": (19.5e12, 312e12)}  # (fp32, bf16) dense
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the message names the last good checkpoint."""
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run (or, with resume=True, continue from cfg.out_dir's newest checkpoint) to cfg.stop_step."""
+    return Run(cfg, resume).fit()
+
+
+# ---- building blocks -----------------------------------------------------------------------------------------------
+def setup_device(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); torchrun's WORLD_SIZE > 1 initialises the process group (herd.train.distributed)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from herd.train.distributed import init_distributed
+
+        return init_distributed()
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    return 0, 1, torch.device(name)
+
+
+def build_model(cfg: TrainConfig, device: torch.device, world: int):
+    import herd
+
+    if cfg.init:
+        model, mcfg = ckpt.load_model(cfg.init)
+    else:
+        mcfg = herd.preset(cfg.model, **cfg.model_overrides)
+        model = herd.build_model(mcfg, seed=cfg.seed)
+        if cfg.metap:
+            from herd.train.metap import init_
+
+            init_(model, cfg.base_width, cfg.base_depth, cfg.seed)
+    model.to(device).train()
+    if cfg.fp8:
+        from herd.train.fp8 import apply_fp8
+
+        model = apply_fp8(model)
+    if world > 1:
+        from herd.train.distributed import shard
+
+        model = shard(model)
+    return model, mcfg
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.AdamW, list[float]]:
+    """AdamW and each group's peak LR. Norm weights (1-D) are never decayed; MetaP sets per-group LRs."""
+    if cfg.metap:
+        from herd.train.metap import param_groups
+
+        groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.base_width, cfg.base_depth)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    cuda = next(model.parameters()).device.type == "cuda"
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            fused=cuda or None)
+    return opt, [g["lr"] for g in opt.param_groups]
+
+
+def documents(cfg: TrainConfig, split: str) -> list[str]:
+    """The run's documents: `data` is sources joined by '+' - "builtin" (the shipped corpus), a .txt / .jsonl file
+    or folder (herd.data.sources; every 20th document, or a lone document's last 5%, is held out for validation),
+    and the long-context tasks "passkey" / "kv" (herd.data.synthetic: one retrieval document of about seq_len
+    tokens, question and answer appended, per 10 documents of the other sources)."""
+    docs, synthetic = [], []
+    for source in cfg.data.split("+"):
+        if source == "builtin":
+            from herd.data.corpus import documents as corpus
+
+            docs += corpus(split)
+        elif source in ("passkey", "kv"):
+            synthetic.append(source)
+        else:
+            from herd.data.sources import load_documents
+
+            mine = load_documents(source)
+            if len(mine) == 1:
+                cut = int(len(mine[0]) * 0.95)
+                docs.append(mine[0][:cut] if split == "train" else mine[0][cut:])
+            else:
+                docs += [d for i, d in enumerate(mine) if (i % 20 == 19) == (split == "val")]
+    if synthetic:
+        from herd.data import synthetic as syn
+
+        n, base = max(len(docs) // 10, 1), 0 if split == "train" else 10**6  # val documents have seeds of their own
+        for kind in synthetic:
+            make = syn.passkey_document if kind == "passkey" else syn.kv_document
+            for i in range(n):  # ~2.4 bytes per tiny-tokenizer token: 2 characters per position fill most of a row
+                r = make(cfg.seed + base + i, n_chars=max(2 * cfg.seq_len, 600))  # 600: the shortest that fits
+                docs.append(f"{r.text}\n\n{r.question} {r.answer}")
+    return docs
+
+
+def tokenizer(cfg: TrainConfig):
+    from herd.tokenizer import Tokenizer, tiny_tokenizer
+
+    return tiny_tokenizer() if cfg.tokenizer == "tiny" else Tokenizer.from_pretrained(cfg.tokenizer)
+
+
+def token_bytes_table(tok, vocab_size: int) -> torch.Tensor:
+    """(V,) UTF-8 byte length of every id; 0 for special tokens and ids the tokenizer lacks."""
+    special = set(tok.specials.values())
+    n = min(tok.vocab_size, vocab_size)
+    return torch.tensor([0 if i in special else len(tok.token_bytes(i)) for i in range(n)] + [0] * (vocab_size - n))
+
+
+def flops_per_token(mcfg, seq_len: int) -> float:
+    """Training FLOPs per token (module docstring): 6 x non-embedding active params + the attention term."""
+    from herd.sizes import count_params
+
+    n = count_params(mcfg).active - (0 if mcfg.tie_word_embeddings else mcfg.vocab_size * mcfg.hidden_size)
+    attn = sum(12 * mcfg.num_attention_heads * mcfg.head_dim *
+               (min(seq_len, mcfg.attention_chunk_size) if mcfg.uses_rope(i) else seq_len)
+               for i in range(mcfg.num_hidden_layers))
+    return 6.0 * n + attn
+
+
+def default_peak_flops(device: torch.device, dtype: str) -> float | None:
+    if device.type == "cpu":
+        return CPU_PEAK[dtype]
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (fp32, bf16) in GPU_PEAK.items():
+            if key in name:
+                return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+# ---- the run -------------------------------------------------------------------------------------------------------
+class Run:
+    """State of one training run: model, optimizer, data position, step, metrics file."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_device(cfg)
+        self.main = self.rank == 0
+        self.out, self.ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt"
+        start = self._checkpoint_to_resume(resume)
+        torch.manual_seed(cfg.seed)
+        self.tok = tokenizer(cfg)
+        self.model, self.mcfg = build_model(cfg, self.device, self.world)
+        if self.tok.vocab_size > self.mcfg.vocab_size:
+            raise ValueError(f"tokenizer has {self.tok.vocab_size} ids but the model only {self.mcfg.vocab_size}")
+        self.opt, self.base_lrs = build_optimizer(cfg, self.model)
+        self.teacher = self._teacher() if cfg.teacher else None
+        from herd.data.packing import Packer
+
+        self.data = Packer(documents(cfg, "train"), self.tok, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
+                           rank=self.rank, world_size=self.world)
+        self.val_batches, self.bytes_table = None, token_bytes_table(self.tok, self.mcfg.vocab_size)
+        self.step, self.tokens, self.saved_step, self.last_val = 0, 0, -1, {}
+        if start is not None:
+            self._restore(start)
+        self.batches = iter(self.data)
+        self.fpt = flops_per_token(self.mcfg, cfg.seq_len)
+        self.peak = cfg.peak_flops or default_peak_flops(self.device, cfg.dtype)
+        n_moe = sum(self.mcfg.is_moe_layer(i) for i in range(self.mcfg.num_hidden_layers))
+        self.loads = torch.zeros(n_moe, self.mcfg.num_local_experts, device=self.device)  # (L_moe, E) since last log
+        self.window = {"time": 0.0, "tokens": 0, "steps": 0, "loss": 0.0}
+        if self.main:
+            self._init_files(fresh=start is None)
+
+    # -- setup helpers --
+    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+        found = ckpt.latest(self.ckpt_root)
+        if found is not None and not resume:
+            raise FileExistsError(f"{self.out} already holds checkpoints (newest {found.name}): resume it "
+                                  f"(--resume / resume=True) or choose another out_dir")
+        ckpt.clean_partial(self.ckpt_root)
+        return found
+
+    def _teacher(self):
+        teacher, tcfg = ckpt.load_model(self.cfg.teacher)
+        if tcfg.vocab_size != self.mcfg.vocab_size:
+            raise ValueError(f"teacher vocabulary {tcfg.vocab_size} differs from the student's {self.mcfg.vocab_size}")
+        return teacher.to(self.device).eval().requires_grad_(False)
+
+    def _init_files(self, fresh: bool) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(self.out / "train_config.json")
+        path = self.out / "metrics.jsonl"
+        keep = []
+        if not fresh and path.is_file():  # drop lines logged after the checkpoint we resume from
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+    def _restore(self, path: Path) -> None:
+        files = ckpt.load(path)
+        st = files["state"]
+        saved = TrainConfig(**{**st["config"], "betas": tuple(st["config"]["betas"])})
+        changed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUNTIME_ONLY
+                   and getattr(saved, f.name) != getattr(self.cfg, f.name)]
+        if changed and self.main:
+            print(f"note: resuming {path} with changed settings {changed}; the run will not match an unbroken one")
+        ckpt.load_model_state(self.model, files["model"])
+        ckpt.load_optim_state(self.model, self.opt, files["optim"])
+        ckpt.set_expert_biases(self.model, st["expert_bias"])
+        data = st["data"]
+        self.data.load_state_dict(data[self.rank] if isinstance(data, list) else data)
+        ckpt.set_rng_state(st["rng"])
+        self.step, self.tokens, self.saved_step = st["step"], st["tokens"], st["step"]
+        if self.main:
+            print(f"resumed from {path} at step {self.step}")
+
+    # -- one optimizer step --
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns its metrics (raises TrainingDiverged)."""
+        from herd.train import balance
+
+        cfg, model = self.cfg, self.model
+        micro = [{k: v.to(self.device) for k, v in next(self.batches).items()} for _ in range(cfg.grad_accum)]
+        if self.step == 0 and torch.equal(micro[0]["labels"], micro[0]["input_ids"]):
+            raise ValueError("the packer's labels equal its input_ids: labels must be the next tokens (shifted)")
+        n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in micro)
+        ce, aux, kl = torch.zeros((), device=self.device), 0.0, 0.0
+        alpha = self._alpha() if self.teacher is not None else None
+        loads = torch.zeros_like(self.loads)
+        for b in micro:
+            with self._autocast():
+                logits, router_logits = model(b["input_ids"], doc_ids=b["doc_ids"], return_router_logits=True)
+            ce_sum = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE,
+                                     reduction="sum")
+            loss = ce_sum / max(n_targets, 1)
+            if self.teacher is not None:
+                loss, kl_part = self._distill(b, logits, n_targets, alpha)
+                kl += kl_part
+            if cfg.balance == "aux_loss" and router_logits:
+                a = balance.switch_aux_loss(router_logits, self.mcfg.num_experts_per_tok, self.mcfg.num_local_experts)
+                loss = loss + cfg.aux_coef * a / cfg.grad_accum
+                aux += float(a.detach()) / cfg.grad_accum
+            loss.backward()
+            ce += ce_sum.detach()
+            if router_logits:
+                with torch.no_grad():
+                    loads += balance.expert_loads(model, [r.detach() for r in router_logits]).float()
+        if cfg.balance == "aux_free" and len(loads):
+            balance.update_biases(model, loads, cfg.bias_rate)  # sums the loads over ranks itself
+        loads = _all_sum(loads, self.world)  # for the log: the whole step's tokens
+        loss_val = float(_all_sum(ce / max(n_targets, 1), self.world)) / self.world
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        if not (math.isfinite(loss_val) and math.isfinite(gnorm)):
+            self._diverged(loss_val, gnorm)
+        factor = lr_factor(self.step, steps=cfg.steps, warmup=cfg.warmup, kind=cfg.schedule,
+                           min_ratio=cfg.min_lr / cfg.lr if cfg.lr else 0.0, decay_frac=cfg.decay_frac)
+        for g, base in zip(self.opt.param_groups, self.base_lrs, strict=True):
+            g["lr"] = base * factor
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += sum(b["input_ids"].numel() for b in micro) * self.world
+        self.loads += loads
+        m = {"loss": loss_val, "lr": cfg.lr * factor, "grad_norm": gnorm}
+        if cfg.balance == "aux_loss":
+            m["aux"] = aux
+        if self.teacher is not None:
+            m["kl"], m["alpha"] = kl, alpha
+        return m
+
+    def _alpha(self) -> float:
+        from herd.train.distill import alpha_at
+
+        cfg = self.cfg
+        return alpha_at(self.step, cfg.steps, cfg.alpha_schedule, cfg.alpha,
+                        cfg.alpha if cfg.alpha_end is None else cfg.alpha_end)
+
+    def _distill(self, b: dict, logits: torch.Tensor, n_targets: int, alpha: float) -> tuple[torch.Tensor, float]:
+        """This micro-batch's share of the distillation objective, and of the step's mean KL."""
+        from herd.train.distill import distill_loss
+
+        with torch.no_grad(), self._autocast():
+            t_logits = self.teacher(b["input_ids"], doc_ids=b["doc_ids"])
+        loss, info = distill_loss(logits.float(), t_logits.float(), b["labels"], alpha, self.cfg.tau)
+        share = int((b["labels"] != IGNORE).sum()) / max(n_targets, 1)  # distill_loss: mean over this micro-batch
+        return loss * share, float(info["kl"]) * share
+
+    def _diverged(self, loss: float, gnorm: float) -> None:
+        good = ckpt.latest(self.ckpt_root)
+        where = f"the last good checkpoint is {good}" if good else "no checkpoint was written before it"
+        raise TrainingDiverged(f"training diverged at step {self.step + 1}: loss {loss}, grad norm {gnorm}. "
+                               f"Stopped before updating the weights; {where}. Resume from it with a lower lr, "
+                               f"more warmup or dtype=float32.")
+
+    # -- evaluation --
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean loss over every val target, and bits per byte (module docstring) over the text targets."""
+        from herd.data.packing import Packer
+
+        if self.val_batches is None:  # the same val batches at every evaluation
+            val = iter(Packer(documents(self.cfg, "val"), self.tok, self.cfg.seq_len, self.cfg.batch_size,
+                              seed=self.cfg.seed, rank=self.rank, world_size=self.world))
+            self.val_batches = [b for _, b in zip(range(self.cfg.eval_batches), val, strict=False)]
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64)  # nats, targets, text nats, text bytes
+        for b in self.val_batches:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            with self._autocast():
+                logits = self.model(b["input_ids"], doc_ids=b["doc_ids"])
+            labels = b["labels"].flatten()
+            nll = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="none")
+            nbytes = self.bytes_table.to(self.device)[labels.clamp(min=0)] * (labels != IGNORE)
+            sums += torch.stack([nll.sum(), (labels != IGNORE).sum(), nll[nbytes > 0].sum(), nbytes.sum()]).cpu()
+        self.model.train()
+        nats, n, text_nats, nbytes = _all_sum(sums.to(self.device), self.world).tolist()
+        return {"val_loss": nats / max(n, 1), "val_bpb": text_nats / (math.log(2) * nbytes) if nbytes else None}
+
+    # -- outputs --
+    def log(self, rec: dict) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def _progress(self, m: dict) -> dict:
+        """Throughput, MFU and expert loads over the steps since the last log line; prints the progress line."""
+        w, stop = self.window, self.cfg.stop_step
+        tok_s = w["tokens"] / max(w["time"], 1e-9)
+        mfu = self.fpt * tok_s / self.world / self.peak if self.peak else None
+        frac = (self.loads / self.loads.sum(1, keepdim=True).clamp(min=1)).cpu()
+        imbalance = float(frac.max(1).values.mean() * frac.shape[1]) if len(frac) else None  # max/mean load
+        if self.main:
+            eta = (stop - self.step) * w["time"] / max(w["steps"], 1)
+            parts = [f"step {self.step:>{len(str(stop))}}/{stop}", f"loss {w['loss'] / max(w['steps'], 1):.4f}",
+                     f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}", f"{tok_s / 1e3:.1f}k tok/s"]
+            parts += [f"MFU {100 * mfu:.1f}%"] if mfu is not None else []
+            parts += [f"load max/mean {imbalance:.2f}"] if imbalance is not None else []
+            print(" | ".join(parts + [f"ETA {_clock(eta)}"]), flush=True)
+        self.loads.zero_()
+        self.window = {"time": 0.0, "tokens": 0, "steps": 0, "loss": 0.0}
+        return {"tok_s": tok_s, "mfu": mfu, "load_max_over_mean": imbalance, "expert_load": frac.tolist()}
+
+    def _eval(self) -> None:
+        self.last_val = self.evaluate()
+        self.log({"kind": "eval", "step": self.step, **self.last_val})
+        if self.main:
+            bpb = self.last_val["val_bpb"]
+            print(f"eval step {self.step}: val loss {self.last_val['val_loss']:.4f}"
+                  + (f", {bpb:.4f} bits/byte" if bpb is not None else ""), flush=True)
+
+    def save(self) -> None:
+        data = self.data.state_dict()
+        if self.world > 1:  # each rank reads its own shard of the data
+            import torch.distributed as dist
+
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, data)
+            data = gathered
+        files = {"model": ckpt.model_state(self.model), "optim": ckpt.optim_state(self.model, self.opt),
+                 "state": {"step": self.step, "tokens": self.tokens, "data": data, "rng": ckpt.rng_state(),
+                           "expert_bias": ckpt.expert_biases(self.model), "config": self.cfg.to_dict(),
+                           "model_config": dataclasses.asdict(self.mcfg),
+                           "schedule": {"kind": self.cfg.schedule, "lr": self.opt.param_groups[0]["lr"]}}}
+        if self.main:
+            ckpt.save(self.ckpt_root, self.step, files, self.cfg.keep_last)
+        if self.world > 1:
+            torch.distributed.barrier()
+        self.saved_step = self.step
+
+    def export(self) -> Path:
+        sd, hf = ckpt.model_state(self.model), self.out / "hf"
+        if self.main:
+            ckpt.export_hf(sd, ckpt.expert_biases(self.model), self.mcfg, self.tok, hf)
+        return hf
+
+    # -- the loop --
+    def fit(self) -> dict:
+        cfg, stop, t_start = self.cfg, self.cfg.stop_step, time.perf_counter()
+        if self.step == 0 and stop > 0:
+            self._eval()
+        while self.step < stop:
+            t0 = time.perf_counter()
+            m = self.train_step()
+            w = self.window
+            w["time"] += time.perf_counter() - t0
+            w["steps"], w["loss"] = w["steps"] + 1, w["loss"] + m["loss"]
+            w["tokens"] += cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world
+            rec = {"kind": "train", "step": self.step, **m, "tokens": self.tokens}  # every step: exact loss curves
+            if self.step % cfg.log_every == 0 or self.step == stop:
+                rec |= self._progress(m)
+            self.log(rec)
+            if self.step % cfg.eval_every == 0 or self.step == stop:
+                self._eval()
+            if self.step % cfg.ckpt_every == 0 or self.step == stop:
+                self.save()
+        if self.saved_step != self.step:
+            self.save()
+        hf = self.export() if cfg.export else None
+        if cfg.plots and self.main:
+            from herd.train.plots import plot_run
+
+            plot_run(self.out)
+        return {"step": self.step, "tokens": self.tokens, "time_s": time.perf_counter() - t_start,
+                "out_dir": str(self.out), "checkpoint": str(ckpt.latest(self.ckpt_root)),
+                "hf": str(hf) if hf else None, **self.last_val}
