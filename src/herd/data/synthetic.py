@@ -165,8 +165,9 @@ def make_scene(seed: int, index: int, size: int = 224, max_shapes: int = 5) -> S
         _draw(draw, s)
     ordered = sorted(shapes, key=lambda s: s.center[0])
     n = len(shapes)
+    named = [("an " if s.name[0] in "aeiou" else "a ") + s.name for s in ordered]
     caption = (f"{NUMBER_WORDS[n].capitalize() if n < len(NUMBER_WORDS) else n} shape{'s' * (n > 1)} on a white "
-               f"background: {_join(['a ' + s.name for s in ordered])}" + (", from left to right." if n > 1 else "."))
+               f"background: {_join(named)}" + (", from left to right." if n > 1 else "."))
     grounding = [(f"Where is the {s.name}? Answer with its bounding box.", box_text(s.box, size, size))
                  for s in shapes]
     return Scene(image, shapes, caption, _questions(rng, shapes), grounding)

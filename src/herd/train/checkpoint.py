@@ -138,25 +138,43 @@ def load_optim_state(model: torch.nn.Module, opt: torch.optim.Optimizer, sd: dic
 
 
 # ---- weights in and out: starting points (init, teacher) and the final Hugging Face export --------------------------
-def load_model(path: str | Path):
-    """(text model, its TextConfig) from a training checkpoint (weights + expert biases) or a Hugging Face dir."""
+def model_config(d: dict):
+    """A TextConfig or Llama4Config from its `dataclasses.asdict` form (as training checkpoints store it)."""
     import herd
-    from herd.checkpoint import from_pretrained
+
+    if "text_config" not in d:
+        return herd.TextConfig(**d)
+    from herd.config import Llama4Config, VisionConfig
+
+    rest = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
+    return Llama4Config(text_config=herd.TextConfig(**d["text_config"]),
+                        vision_config=VisionConfig(**d["vision_config"]), **rest)
+
+
+def load_model(path: str | Path, multimodal: bool = False):
+    """(model, its config) from a training checkpoint (weights + expert biases) or a Hugging Face dir: the text
+    model, or the multimodal one where the checkpoint has a vision tower. multimodal=True requires one."""
+    import herd
+    from herd.checkpoint import CheckpointError, from_pretrained
     from herd.model.build import allocate
 
     step_dir = resolve(path)
     if step_dir is not None:
         files = load(step_dir, ("model", "state"))
-        mcfg = herd.TextConfig(**files["state"]["model_config"])
+        mcfg = model_config(files["state"]["model_config"])
         model = allocate(herd.build_model(mcfg, device="meta"), "cpu")
         model.load_state_dict(files["model"])
         set_expert_biases(model, files["state"]["expert_bias"])
-        return model.train(), mcfg
-    model = from_pretrained(path, dtype=torch.float32, text_only=True).train()
-    sidecar = Path(path) / BIAS_FILE
-    if sidecar.is_file():
-        set_expert_biases(model, {k: torch.tensor(v) for k, v in json.loads(sidecar.read_text()).items()})
-    return model, model.config
+    else:
+        model = from_pretrained(path, dtype=torch.float32).train()
+        mcfg = model.config
+        sidecar = Path(path) / BIAS_FILE
+        if sidecar.is_file():
+            set_expert_biases(model, {k: torch.tensor(v) for k, v in json.loads(sidecar.read_text()).items()})
+    if multimodal and not hasattr(mcfg, "vision_config"):
+        raise CheckpointError(f"{path} is a text-only model: training on images (image_rows > 0) needs one with a "
+                              "vision tower (start from a multimodal checkpoint, or from scratch)")
+    return model.train(), mcfg
 
 
 BIAS_FILE = "expert_bias.json"  # the HF format has no place for the routers' selection biases: a sidecar keeps them

@@ -41,6 +41,10 @@ class TrainConfig:
     seq_len: int = 64
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
+    image_rows: int = 0  # image-text chat rows per micro-batch (herd.train.inputs); > 0 trains the multimodal model
+    image_data: str = "scenes"  # "scenes" (synthetic shape scenes, herd.data.synthetic) or an image-text .jsonl
+    image_seq_len: int = 128  # longest image-text chat row, image tokens included
+    scene_size: int = 56  # side of the synthetic scenes in pixels (tiny's 28-pixel tiles: a 2x2 grid + global)
     steps: int = 600  # planned run length: the LR schedule spans it
     max_steps: int | None = None  # stop this invocation after this step (None: `steps`)
     # --- optimizer (AdamW) and schedule ---
@@ -102,6 +106,8 @@ class TrainConfig:
              "eval_every, eval_batches, ckpt_every, keep_last and log_every must be positive"),
             (0 <= self.alpha <= 1 and (self.alpha_end is None or 0 <= self.alpha_end <= 1), "alpha must be in [0, 1]"),
             (self.tau > 0, "tau must be > 0"),
+            (self.image_rows >= 0 and self.image_seq_len > 0 and self.scene_size >= 8,
+             "image_rows must be >= 0, image_seq_len > 0 and scene_size >= 8"),
             (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
         ]
         for ok, msg in checks:

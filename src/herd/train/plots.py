@@ -40,6 +40,10 @@ def plot_loss(records: list[dict], path: str | Path) -> None:
     avg = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
     ax.plot(steps, avg, color="tab:blue", lw=1.5, label=f"train loss ({k}-step mean)" if k > 1 else "train loss")
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:orange", label="val loss", ms=3)
+    img = [r for r in val if r.get("val_image_loss") is not None]
+    if img:  # image-text runs: the loss on held-out answers about images
+        ax.plot([r["step"] for r in img], [r["val_image_loss"] for r in img], "^-", color="tab:purple", ms=3,
+                label="val loss, image answers")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     bpb = [r for r in val if r.get("val_bpb") is not None]

@@ -13,12 +13,14 @@ Measures (documented here because numbers mean nothing without their definitions
 - bits per byte = total nats / (ln 2 * total UTF-8 bytes of the evaluated text), where the evaluated text is the
   bytes of the target tokens. Special-token targets (document separators) stand for no text, so they are left out of
   both sums (nanochat's convention); `val_loss` is the plain mean over all targets. Tokenizer-independent.
-- FLOPs per token (training, forward + backward) = 6 x active parameters, leaving out the input embedding (a lookup,
-  not a matmul), + 12 x heads x head_dim x context per layer for the attention scores and values (PaLM, arXiv:
-  2204.02311, appendix B), with context = seq_len for global (NoPE) layers and min(seq_len, chunk) for chunked ones.
-- MFU = FLOPs per token x tokens/s per device / peak FLOP/s of one device (`peak_flops`; defaults: the measured
-  matmul peak of herd's 2-core development CPU, 190e9 float32 / 420e9 bfloat16, and published dense peaks for GPUs).
-  A distillation teacher's forward pass is not counted: MFU measures the student's training.
+- FLOPs per token and the peak of MFU: herd.train.flops. MFU = FLOPs per token x tokens/s per device / peak FLOP/s
+  of one device. A distillation teacher's forward pass is not counted: MFU measures the student's training.
+
+Image-text rows (`image_rows` > 0, herd.train.inputs.ImageRows): the model is the multimodal one (vision tower +
+decoder, Hugging Face `Llama4ForConditionalGeneration` layout); each micro-batch adds a forward pass over that many
+chat rows with their images, whose answer tokens join the step's targets (one mean over all of them). Validation
+reports `val_image_loss` over fixed held-out chats next to the text `val_loss` / `val_bpb`, which stay text-only so
+runs with and without images compare. A distillation teacher sees the text rows only.
 
 A non-finite loss or gradient norm stops the run before the weights are touched, with a `TrainingDiverged` error
 naming the last good checkpoint (none is written after the failure).
@@ -38,14 +40,14 @@ import torch.nn.functional as F
 
 from herd.train import checkpoint as ckpt
 from herd.train.config import TrainConfig
+from herd.train.flops import default_peak_flops, flops_per_token
+from herd.train.inputs import ImageRows, documents, token_bytes_table, tokenizer
 from herd.train.schedule import lr_factor
 
 IGNORE = -100
-CPU_PEAK = {"float32": 190e9, "bfloat16": 420e9}  # measured matmul peak of the 2-core development machine
 # settings that may change on resume without changing the run's numbers
 RUNTIME_ONLY = ("max_steps", "out_dir", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last",
                 "peak_flops", "export", "plots", "device")
-GPU_PEAK = {"H100": (67e12, 989e12), "H200": (67e12, 989e12), "A100": (19.5e12, 312e12)}  # (fp32, bf16) dense
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,12 +71,14 @@ def setup_device(cfg: TrainConfig) -> tuple[int, int, torch.device]:
 
 
 def build_model(cfg: TrainConfig, device: torch.device, world: int):
+    """(model, its config): a TextConfig, or a Llama4Config when the run trains on images (image_rows > 0)."""
     import herd
 
     if cfg.init:
-        model, mcfg = ckpt.load_model(cfg.init)
+        model, mcfg = ckpt.load_model(cfg.init, multimodal=cfg.image_rows > 0)
     else:
-        mcfg = herd.preset(cfg.model, **cfg.model_overrides)
+        make = herd.multimodal_preset if cfg.image_rows else herd.preset
+        mcfg = make(cfg.model, **cfg.model_overrides)
         model = herd.build_model(mcfg, seed=cfg.seed)
         if cfg.metap:
             from herd.train.metap import init_
@@ -109,75 +113,6 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.opt
     return opt, [g["lr"] for g in opt.param_groups]
 
 
-def documents(cfg: TrainConfig, split: str) -> list[str]:
-    """The run's documents: `data` is sources joined by '+' - "builtin" (the shipped corpus), a .txt / .jsonl file
-    or folder (herd.data.sources; every 20th document, or a lone document's last 5%, is held out for validation),
-    and the long-context tasks "passkey" / "kv" (herd.data.synthetic: one retrieval document of about seq_len
-    tokens, question and answer appended, per 10 documents of the other sources)."""
-    docs, synthetic = [], []
-    for source in cfg.data.split("+"):
-        if source == "builtin":
-            from herd.data.corpus import documents as corpus
-
-            docs += corpus(split)
-        elif source in ("passkey", "kv"):
-            synthetic.append(source)
-        else:
-            from herd.data.sources import load_documents
-
-            mine = load_documents(source)
-            if len(mine) == 1:
-                cut = int(len(mine[0]) * 0.95)
-                docs.append(mine[0][:cut] if split == "train" else mine[0][cut:])
-            else:
-                docs += [d for i, d in enumerate(mine) if (i % 20 == 19) == (split == "val")]
-    if synthetic:
-        from herd.data import synthetic as syn
-
-        n, base = max(len(docs) // 10, 1), 0 if split == "train" else 10**6  # val documents have seeds of their own
-        for kind in synthetic:
-            make = syn.passkey_document if kind == "passkey" else syn.kv_document
-            for i in range(n):  # ~2.4 bytes per tiny-tokenizer token: 2 characters per position fill most of a row
-                r = make(cfg.seed + base + i, n_chars=max(2 * cfg.seq_len, 600))  # 600: the shortest that fits
-                docs.append(f"{r.text}\n\n{r.question} {r.answer}")
-    return docs
-
-
-def tokenizer(cfg: TrainConfig):
-    from herd.tokenizer import Tokenizer, tiny_tokenizer
-
-    return tiny_tokenizer() if cfg.tokenizer == "tiny" else Tokenizer.from_pretrained(cfg.tokenizer)
-
-
-def token_bytes_table(tok, vocab_size: int) -> torch.Tensor:
-    """(V,) UTF-8 byte length of every id; 0 for special tokens and ids the tokenizer lacks."""
-    special = set(tok.specials.values())
-    n = min(tok.vocab_size, vocab_size)
-    return torch.tensor([0 if i in special else len(tok.token_bytes(i)) for i in range(n)] + [0] * (vocab_size - n))
-
-
-def flops_per_token(mcfg, seq_len: int) -> float:
-    """Training FLOPs per token (module docstring): 6 x non-embedding active params + the attention term."""
-    from herd.sizes import count_params
-
-    n = count_params(mcfg).active - (0 if mcfg.tie_word_embeddings else mcfg.vocab_size * mcfg.hidden_size)
-    attn = sum(12 * mcfg.num_attention_heads * mcfg.head_dim *
-               (min(seq_len, mcfg.attention_chunk_size) if mcfg.uses_rope(i) else seq_len)
-               for i in range(mcfg.num_hidden_layers))
-    return 6.0 * n + attn
-
-
-def default_peak_flops(device: torch.device, dtype: str) -> float | None:
-    if device.type == "cpu":
-        return CPU_PEAK[dtype]
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, (fp32, bf16) in GPU_PEAK.items():
-            if key in name:
-                return bf16 if dtype == "bfloat16" else fp32
-    return None
-
-
 def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
@@ -204,23 +139,27 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.tok = tokenizer(cfg)
         self.model, self.mcfg = build_model(cfg, self.device, self.world)
-        if self.tok.vocab_size > self.mcfg.vocab_size:
-            raise ValueError(f"tokenizer has {self.tok.vocab_size} ids but the model only {self.mcfg.vocab_size}")
+        self.tcfg = getattr(self.mcfg, "text_config", self.mcfg)  # the decoder's config
+        if self.tok.vocab_size > self.tcfg.vocab_size:
+            raise ValueError(f"tokenizer has {self.tok.vocab_size} ids but the model only {self.tcfg.vocab_size}")
         self.opt, self.base_lrs = build_optimizer(cfg, self.model)
         self.teacher = self._teacher() if cfg.teacher else None
         from herd.data.packing import Packer
 
         self.data = Packer(documents(cfg, "train"), self.tok, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
                            rank=self.rank, world_size=self.world)
-        self.val_batches, self.bytes_table = None, token_bytes_table(self.tok, self.mcfg.vocab_size)
+        vcfg = getattr(self.mcfg, "vision_config", None)
+        self.images = ImageRows(cfg, self.tok, vcfg, "train", self.rank, self.world) if cfg.image_rows else None
+        self.val_batches, self.val_images = None, None
+        self.bytes_table = token_bytes_table(self.tok, self.tcfg.vocab_size)
         self.step, self.tokens, self.saved_step, self.last_val = 0, 0, -1, {}
         if start is not None:
             self._restore(start)
         self.batches = iter(self.data)
-        self.fpt = flops_per_token(self.mcfg, cfg.seq_len)
+        self.fpt = flops_per_token(self.tcfg, cfg.seq_len)
         self.peak = cfg.peak_flops or default_peak_flops(self.device, cfg.dtype)
-        n_moe = sum(self.mcfg.is_moe_layer(i) for i in range(self.mcfg.num_hidden_layers))
-        self.loads = torch.zeros(n_moe, self.mcfg.num_local_experts, device=self.device)  # (L_moe, E) since last log
+        n_moe = sum(self.tcfg.is_moe_layer(i) for i in range(self.tcfg.num_hidden_layers))
+        self.loads = torch.zeros(n_moe, self.tcfg.num_local_experts, device=self.device)  # (L_moe, E) since last log
         self.window = {"time": 0.0, "tokens": 0, "steps": 0, "loss": 0.0}
         if self.main:
             self._init_files(fresh=start is None)
@@ -236,8 +175,9 @@ class Run:
 
     def _teacher(self):
         teacher, tcfg = ckpt.load_model(self.cfg.teacher)
-        if tcfg.vocab_size != self.mcfg.vocab_size:
-            raise ValueError(f"teacher vocabulary {tcfg.vocab_size} differs from the student's {self.mcfg.vocab_size}")
+        tcfg = getattr(tcfg, "text_config", tcfg)
+        if tcfg.vocab_size != self.tcfg.vocab_size:
+            raise ValueError(f"teacher vocabulary {tcfg.vocab_size} differs from the student's {self.tcfg.vocab_size}")
         return teacher.to(self.device).eval().requires_grad_(False)
 
     def _init_files(self, fresh: bool) -> None:
@@ -262,6 +202,8 @@ class Run:
         ckpt.set_expert_biases(self.model, st["expert_bias"])
         data = st["data"]
         self.data.load_state_dict(data[self.rank] if isinstance(data, list) else data)
+        if self.images is not None and "images" in st:
+            self.images.load_state_dict(st["images"])
         ckpt.set_rng_state(st["rng"])
         self.step, self.tokens, self.saved_step = st["step"], st["tokens"], st["step"]
         if self.main:
@@ -279,25 +221,30 @@ class Run:
         micro = [{k: v.to(self.device) for k, v in next(self.batches).items()} for _ in range(cfg.grad_accum)]
         if self.step == 0 and torch.equal(micro[0]["labels"], micro[0]["input_ids"]):
             raise ValueError("the packer's labels equal its input_ids: labels must be the next tokens (shifted)")
+        if self.images is not None:  # one pass of image-text chat rows per micro-batch (module docstring)
+            micro += [{k: v.to(self.device) for k, v in next(self.images).items()} for _ in range(cfg.grad_accum)]
         n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in micro)
-        ce, aux, kl = torch.zeros((), device=self.device), 0.0, 0.0
+        ce, img_ce, aux, kl = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0.0, 0.0
         alpha = self._alpha() if self.teacher is not None else None
         loads = torch.zeros_like(self.loads)
         for b in micro:
+            image = "pixel_values" in b or "doc_ids" not in b
             with self._autocast():
-                logits, router_logits = model(b["input_ids"], doc_ids=b["doc_ids"], return_router_logits=True)
+                logits, router_logits = self._forward(b, return_router_logits=True)
             ce_sum = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE,
                                      reduction="sum")
             loss = ce_sum / max(n_targets, 1)
-            if self.teacher is not None:
+            if self.teacher is not None and not image:
                 loss, kl_part = self._distill(b, logits, n_targets, alpha)
                 kl += kl_part
             if cfg.balance == "aux_loss" and router_logits:
-                a = balance.switch_aux_loss(router_logits, self.mcfg.num_experts_per_tok, self.mcfg.num_local_experts)
-                loss = loss + cfg.aux_coef * a / cfg.grad_accum
-                aux += float(a.detach()) / cfg.grad_accum
+                a = balance.switch_aux_loss(router_logits, self.tcfg.num_experts_per_tok, self.tcfg.num_local_experts)
+                loss = loss + cfg.aux_coef * a / len(micro)
+                aux += float(a.detach()) / len(micro)
             loss.backward()
             ce += ce_sum.detach()
+            if image:
+                img_ce += ce_sum.detach()
             if router_logits:
                 with torch.no_grad():
                     loads += balance.expert_loads(model, [r.detach() for r in router_logits]).float()
@@ -321,9 +268,18 @@ class Run:
         m = {"loss": loss_val, "lr": cfg.lr * factor, "grad_norm": gnorm}
         if cfg.balance == "aux_loss":
             m["aux"] = aux
+        if self.images is not None:
+            n_img = sum(int((b["labels"] != IGNORE).sum()) for b in micro[cfg.grad_accum:])
+            m["image_loss"] = float(_all_sum(img_ce / max(n_img, 1), self.world)) / self.world
         if self.teacher is not None:
             m["kl"], m["alpha"] = kl, alpha
         return m
+
+    def _forward(self, b: dict, **kw):
+        """The model on a packed text batch (documents kept apart by doc_ids) or an image-text batch."""
+        if "pixel_values" in b:
+            kw["pixel_values"] = b["pixel_values"]
+        return self.model(b["input_ids"], doc_ids=b.get("doc_ids"), **kw)
 
     def _alpha(self) -> float:
         from herd.train.distill import alpha_at
@@ -369,9 +325,27 @@ class Run:
             nll = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="none")
             nbytes = self.bytes_table.to(self.device)[labels.clamp(min=0)] * (labels != IGNORE)
             sums += torch.stack([nll.sum(), (labels != IGNORE).sum(), nll[nbytes > 0].sum(), nbytes.sum()]).cpu()
+        out = self._evaluate_images() if self.images is not None else {}
         self.model.train()
         nats, n, text_nats, nbytes = _all_sum(sums.to(self.device), self.world).tolist()
-        return {"val_loss": nats / max(n, 1), "val_bpb": text_nats / (math.log(2) * nbytes) if nbytes else None}
+        return {"val_loss": nats / max(n, 1), "val_bpb": text_nats / (math.log(2) * nbytes) if nbytes else None,
+                **out}
+
+    def _evaluate_images(self) -> dict:
+        """Mean loss over the answer tokens of fixed held-out image-text chats."""
+        if self.val_images is None:
+            rows = ImageRows(self.cfg, self.tok, self.mcfg.vision_config, "val", self.rank, self.world)
+            self.val_images = [next(rows) for _ in range(self.cfg.eval_batches)]
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for b in self.val_images:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            with self._autocast():
+                logits = self._forward(b)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE,
+                                  reduction="sum")
+            sums += torch.stack([nll.double(), (b["labels"] != IGNORE).sum().double()])
+        nats, n = _all_sum(sums, self.world).tolist()
+        return {"val_image_loss": nats / max(n, 1)}
 
     # -- outputs --
     def log(self, rec: dict) -> None:
@@ -402,8 +376,10 @@ class Run:
         self.log({"kind": "eval", "step": self.step, **self.last_val})
         if self.main:
             bpb = self.last_val["val_bpb"]
+            img = self.last_val.get("val_image_loss")
             print(f"eval step {self.step}: val loss {self.last_val['val_loss']:.4f}"
-                  + (f", {bpb:.4f} bits/byte" if bpb is not None else ""), flush=True)
+                  + (f", {bpb:.4f} bits/byte" if bpb is not None else "")
+                  + (f", image answers {img:.4f}" if img is not None else ""), flush=True)
 
     def save(self) -> None:
         data = self.data.state_dict()
@@ -415,6 +391,7 @@ class Run:
             data = gathered
         files = {"model": ckpt.model_state(self.model), "optim": ckpt.optim_state(self.model, self.opt),
                  "state": {"step": self.step, "tokens": self.tokens, "data": data, "rng": ckpt.rng_state(),
+                           **({"images": self.images.state_dict()} if self.images is not None else {}),
                            "expert_bias": ckpt.expert_biases(self.model), "config": self.cfg.to_dict(),
                            "model_config": dataclasses.asdict(self.mcfg),
                            "schedule": {"kind": self.cfg.schedule, "lr": self.opt.param_groups[0]["lr"]}}}
@@ -436,12 +413,12 @@ class Run:
         if self.step == 0 and stop > 0:
             self._eval()
         while self.step < stop:
-            t0 = time.perf_counter()
+            t0, tokens_before = time.perf_counter(), self.tokens
             m = self.train_step()
             w = self.window
             w["time"] += time.perf_counter() - t0
             w["steps"], w["loss"] = w["steps"] + 1, w["loss"] + m["loss"]
-            w["tokens"] += cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world
+            w["tokens"] += self.tokens - tokens_before
             rec = {"kind": "train", "step": self.step, **m, "tokens": self.tokens}  # every step: exact loss curves
             if self.step % cfg.log_every == 0 or self.step == stop:
                 rec |= self._progress(m)

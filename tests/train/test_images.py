@@ -1,0 +1,121 @@
+"""Image-text training: answer-only targets, the multimodal run end to end (HF export loads in transformers with the
+same logits on an image chat), exact resume with image rows, users' JSONL image-text records, clear errors.
+
+Run: .venv/bin/python -m pytest tests/train/test_images.py -v
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import herd
+from herd.data.sources import DataError
+from herd.data.synthetic import scene_chat
+from herd.tokenizer import tiny_tokenizer
+from herd.train import checkpoint as ckpt
+from herd.train import train, train_preset
+from herd.train.inputs import IGNORE, ImageRows, chat_example
+from tests.train import small_data
+
+VCFG = herd.multimodal_preset("tiny").vision_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(out, **kw):
+    base = dict(out_dir=str(out), steps=6, warmup=1, seq_len=32, batch_size=2, image_rows=2, log_every=1,
+                eval_every=3, eval_batches=1, ckpt_every=2, keep_last=2, export=False, plots=False)
+    return train_preset("smoke", **{**base, **kw})
+
+
+def test_only_the_answers_are_targets():
+    tok = tiny_tokenizer()
+    messages = scene_chat(0, 3, "all", size=56, max_shapes=3)[1]  # caption + every question + every box
+    ids, labels, batch = chat_example(messages, tok, VCFG, max_len=1024)
+    assert len(ids) == len(labels) and batch.pixel_values.shape[1:] == (3, 28, 28)
+    targets = [t for t in labels if t != IGNORE]
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    # every answer followed by its end of turn, in order, and nothing else
+    assert tok.decode(targets) == "<|eot|>".join(answers) + "<|eot|>"
+    for t, lab in enumerate(labels[:-1]):
+        if lab != IGNORE:
+            assert lab == ids[t + 1]
+    assert labels[-1] == IGNORE
+
+
+def test_rows_are_padded_resumable_and_split(monkeypatch):
+    tok = tiny_tokenizer()
+    cfg = train_preset("smoke", image_rows=3)
+    rows = ImageRows(cfg, tok, VCFG)
+    first, second = next(rows), next(rows)
+    assert first["input_ids"].shape == first["labels"].shape and first["input_ids"].shape[0] == 3
+    assert first["pixel_values"].shape[0] == 3 * 5  # a 56-pixel scene: 2x2 tiles + the global one, per row
+    again = ImageRows(cfg, tok, VCFG)
+    again.load_state_dict(ImageRows(cfg, tok, VCFG).state_dict() | {"index": 3})
+    assert torch.equal(next(again)["input_ids"], second["input_ids"])  # resume continues the same stream
+    val = next(ImageRows(cfg, tok, VCFG, split="val"))
+    assert not torch.equal(val["pixel_values"][:5], first["pixel_values"][:5])
+    with pytest.raises(DataError, match="image_seq_len=8"):
+        next(ImageRows(train_preset("smoke", image_rows=1, image_seq_len=8), tok, VCFG))
+
+
+def test_multimodal_run_learns_and_exports_for_transformers(tmp_path, monkeypatch):
+    small_data(monkeypatch)
+    out = tmp_path / "run"
+    summary = train(_cfg(out, steps=16, eval_every=8, export=True, plots=True))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert evals[-1]["val_image_loss"] < evals[0]["val_image_loss"] - 0.5  # answers about images are learnt
+    assert all("image_loss" in r for r in recs if r["kind"] == "train")
+    assert (out / "loss.png").stat().st_size > 0
+    # the export is a Llama4ForConditionalGeneration checkpoint: same logits in transformers on an image chat
+    from transformers import Llama4ForConditionalGeneration
+
+    from herd.chat import prepare_chat
+
+    ours = herd.from_pretrained(summary["hf"]).eval()
+    theirs = Llama4ForConditionalGeneration.from_pretrained(summary["hf"], dtype=torch.float32).eval()
+    ids, batch = prepare_chat(scene_chat(5, 1, size=56)[1][:1], tiny_tokenizer(), tile_size=28, max_tiles=6,
+                              tokens_per_tile=VCFG.tokens_per_tile)
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        a = ours(ids, pixel_values=batch.pixel_values)
+        b = theirs(input_ids=ids, pixel_values=batch.pixel_values.float()).logits
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_resume_with_image_rows_is_exact(tmp_path, monkeypatch):
+    small_data(monkeypatch)
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_cfg(full))
+    train(_cfg(part, max_steps=2))
+    train(_cfg(part), resume=True)
+    a, b = ckpt.load(ckpt.latest(full / "ckpt")), ckpt.load(ckpt.latest(part / "ckpt"))
+    assert a["state"]["images"] == b["state"]["images"] == {"index": 12}
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_jsonl_records_and_text_only_init_error(tmp_path, monkeypatch):
+    small_data(monkeypatch)
+    img = tmp_path / "red.png"
+    shutil.copy("tests/data/images/square_h224_w224.png", img)
+    lines = [{"image": "red.png", "text": f"picture number {i}"} for i in range(3)]
+    (tmp_path / "pics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "run"
+    train(_cfg(out, steps=2, image_data=str(tmp_path / "pics.jsonl"), image_rows=1, image_seq_len=512))
+    assert ckpt.load(ckpt.latest(out / "ckpt"))["state"]["images"] == {"index": 2}
+    text = tmp_path / "text"
+    train(_cfg(text, steps=1, image_rows=0))
+    with pytest.raises(herd.checkpoint.CheckpointError, match="text-only model"):
+        train(_cfg(tmp_path / "again", steps=1, init=str(text)))
