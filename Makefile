@@ -1,6 +1,6 @@
 # herd - everything a fresh machine needs comes from here.
 #   make test   create .venv if missing, install torch + herd[dev], run the whole suite
-#   make demo   the README's main job (today: model sizes, a tiny multimodal checkpoint, a generation with an image)
+#   make demo   the README's main job: train the tiny multimodal model on the built-in data (a few minutes), samples
 # GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,18 +25,17 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments scripts
 
 demo: $(STAMP)
 	$(BIN)/herd info --preset llama4-scout
-	$(BIN)/herd info --preset llama4-maverick
-	$(BIN)/herd init --preset tiny --multimodal --out out/tiny-random
-	$(BIN)/herd info --model out/tiny-random
-	$(BIN)/herd generate --model out/tiny-random --prompt "What is in this picture?" \
-		--image tests/data/images/portrait_h500_w375.jpg --max-new-tokens 48
+	rm -rf runs/demo
+	$(BIN)/herd train --preset tiny-multimodal --out runs/demo steps=1200 warmup=50 log_every=50 eval_every=200
+	@echo "plots: runs/demo/loss.png runs/demo/expert_load.png; scenes asked about: runs/demo/scene_*.png"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out runs .pytest_cache

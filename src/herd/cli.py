@@ -5,6 +5,7 @@
   herd init --preset tiny --out DIR [--multimodal]   a random checkpoint in the Hugging Face format
   herd generate --model DIR --prompt "hi" [--image cat.png]   chat-formatted generation, streamed
   herd generate --model DIR --prompt-ids 1,2,3        raw token ids in and out
+  herd generate --model DIR --raw --prompt "Once"     plain-text continuation (no chat format)
   herd train --preset tiny --out runs/x [--max-steps N] [--config FILE] [--key=value ...]
   herd train --resume runs/x [--max-steps N]          continue a run exactly from its newest checkpoint
   herd midtrain --init runs/x --out runs/x-long       continue at a longer context (see herd.train.cli)
@@ -79,6 +80,10 @@ def _prompt(args, model, tok):
         return torch.tensor([[int(t) for t in args.prompt_ids.split(",") if t.strip()]]), None
     if tok is None:
         raise ValueError("this checkpoint has no tokenizer.json: pass --prompt-ids")
+    if args.raw:  # plain continuation, as a pretrained (not chat-tuned) model was trained
+        if args.image:
+            raise ValueError("--raw takes text only: images need the chat format")
+        return torch.tensor([[tok.bos_id] + tok.encode(args.prompt)]), None
     from herd.chat import prepare_chat
 
     content = [{"type": "text", "text": args.prompt}] + [{"type": "image_url", "image_url": {"url": p}}
@@ -106,6 +111,8 @@ def cmd_generate(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stream = tok.stream(skip_special=True) if tok is not None and not args.prompt_ids else None
+    if stream is not None and args.raw:
+        print(args.prompt, end="")
     text_cfg = getattr(model.config, "text_config", model.config)
     eos = tok.stop_ids if tok is not None else text_cfg.eos_token_id
 
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--image", action="append", default=[], help="image path or data URL (repeatable)")
     sp.add_argument("--system", default=None, help="system prompt")
     sp.add_argument("--prompt-ids", default="", help="comma-separated token ids instead of --prompt")
+    sp.add_argument("--raw", action="store_true", help="continue --prompt as plain text (no chat format)")
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp.add_argument("--temperature", type=float, default=0.0)
     sp.add_argument("--top-p", type=float, default=None)

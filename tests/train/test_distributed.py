@@ -54,3 +54,34 @@ def test_fsdp2_two_processes_match_one(tmp_path):
     bias_diff = max(abs(a - b) for x, y in zip(one["expert_bias"], two["expert_bias"], strict=True)
                     for a, b in zip(x, y, strict=True))
     assert bias_diff < 1e-6
+
+
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="torch built without gloo")
+def test_herd_train_under_torchrun_checkpoints_resumes_and_exports(tmp_path):
+    """The real command as the README gives it: 2 gloo processes train, save, resume from the checkpoint, export."""
+    import os
+
+    from herd.data.corpus import documents
+    from herd.train import checkpoint as ckpt
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(d[:3000] for d in documents("train")[:40]))
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "herd.cli", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for args in (["--preset", "smoke", "--out", str(out), "--data", str(text), "--max-steps", "3", "plots=false"],
+                 ["--resume", str(out), "--max-steps", "4"]):
+        proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=300, env=env,
+                              cwd=Path(__file__).parents[2])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    state = ckpt.load(ckpt.latest(out / "ckpt"), ("state",))["state"]
+    assert state["step"] == 4 and len(state["data"]) == 2  # each rank's data position is kept
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]  # one line per step, written by rank 0 only
+    import herd
+
+    model = herd.from_pretrained(out / "hf")
+    assert model(torch.tensor([[1, 2, 3]])).isfinite().all()

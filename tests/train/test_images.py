@@ -119,3 +119,33 @@ def test_jsonl_records_and_text_only_init_error(tmp_path, monkeypatch):
     train(_cfg(text, steps=1, image_rows=0))
     with pytest.raises(herd.checkpoint.CheckpointError, match="text-only model"):
         train(_cfg(tmp_path / "again", steps=1, init=str(text)))
+
+
+def test_scene_accuracy_compares_the_right_image_with_another(monkeypatch):
+    """The 'does it look' check: a stand-in model that answers from the pixels scores differently on the two arms."""
+    from herd.train import samples
+
+    calls = []
+
+    def fake_generate(model, ids, n, eos_token_id=None, pixel_values=None):
+        calls.append(pixel_values)
+        return torch.cat([ids, torch.tensor([[0]])], 1)  # answers token 0 whatever it sees
+
+    monkeypatch.setattr("herd.infer.generate.generate", fake_generate)
+    acc = samples.scene_accuracy(None, tiny_tokenizer(), VCFG, seed=0, n=4)
+    assert acc == {"scene_qa_accuracy": 0.0, "scene_qa_accuracy_other_image": 0.0, "scene_qa_questions": 4}
+    assert len(calls) == 8 and not torch.equal(calls[0], calls[1])  # the second arm really shows another image
+    assert torch.equal(calls[1], calls[2])  # ... namely the next question's scene
+
+
+def test_long_documents_are_cut_at_paragraphs_without_losing_text():
+    from herd.train.inputs import pieces
+
+    text = "".join(f"Paragraph {i}. " + "word " * (i % 7 * 10) + "\n\n" for i in range(60)) + "x" * 500
+    for n in (0, 64, 300, 10**6):
+        parts = pieces(text, n)
+        assert "".join(parts) == text
+        if n:
+            assert all(len(p) <= n for p in parts)
+    cut = pieces(text, 300)
+    assert sum(p.endswith("\n\n") for p in cut) > len(cut) // 2  # mostly at paragraph breaks

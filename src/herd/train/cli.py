@@ -146,4 +146,9 @@ def run_train(args) -> int:
     bpb = f", {summary['val_bpb']:.4f} bits/byte" if summary.get("val_bpb") is not None else ""
     print(f"done: step {summary['step']}{val}{bpb} in {summary['time_s']:.0f}s; checkpoint {summary['checkpoint']}"
           + (f"; Hugging Face weights in {summary['hf']}" if summary["hf"] else ""))
+    if summary["hf"]:
+        print(f"try it: herd generate --model {summary['hf']} --raw --prompt \"To be, or not to be\"")
+        if cfg.image_rows and cfg.samples:
+            print(f"        herd generate --model {summary['hf']} --image {cfg.out_dir}/scene_0.png "
+                  f"--prompt \"How many shapes are there?\"")
     return 0

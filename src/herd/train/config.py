@@ -41,9 +41,12 @@ class TrainConfig:
     seq_len: int = 64
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
+    max_doc_chars: int = 8192  # longer documents are cut into pieces at paragraph breaks (herd.train.inputs); 0: never
     image_rows: int = 0  # image-text chat rows per micro-batch (herd.train.inputs); > 0 trains the multimodal model
+    image_weight: float = 0.3  # share of the objective that is the image-text answers' mean loss (herd.train.trainer)
     image_data: str = "scenes"  # "scenes" (synthetic shape scenes, herd.data.synthetic) or an image-text .jsonl
     image_seq_len: int = 128  # longest image-text chat row, image tokens included
+    scene_task: str = "mixed"  # caption | qa | ground | mixed (one of the three per chat) | all (herd.data.synthetic)
     scene_size: int = 56  # side of the synthetic scenes in pixels (tiny's 28-pixel tiles: a 2x2 grid + global)
     steps: int = 600  # planned run length: the LR schedule spans it
     max_steps: int | None = None  # stop this invocation after this step (None: `steps`)
@@ -86,6 +89,7 @@ class TrainConfig:
     out_dir: str = "runs/tiny"
     export: bool = True  # write out_dir/hf (Hugging Face format + tokenizer) when the run ends
     plots: bool = True
+    samples: bool = True  # print greedy samples (text; answers about scenes for a multimodal run) at the end
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -106,6 +110,10 @@ class TrainConfig:
              "eval_every, eval_batches, ckpt_every, keep_last and log_every must be positive"),
             (0 <= self.alpha <= 1 and (self.alpha_end is None or 0 <= self.alpha_end <= 1), "alpha must be in [0, 1]"),
             (self.tau > 0, "tau must be > 0"),
+            (self.max_doc_chars >= 0, "max_doc_chars must be >= 0"),
+            (0 < self.image_weight < 1, "image_weight must be in (0, 1)"),
+            (self.scene_task in ("caption", "qa", "ground", "mixed", "all"),
+             f"scene_task must be caption, qa, ground, mixed or all, got {self.scene_task!r}"),
             (self.image_rows >= 0 and self.image_seq_len > 0 and self.scene_size >= 8,
              "image_rows must be >= 0, image_seq_len > 0 and scene_size >= 8"),
             (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
@@ -141,8 +149,10 @@ TRAIN_PRESETS: dict[str, dict] = {
     # at max/mean expert load 1.2 with 1e-2 vs 1.8 with 1e-3, at the same validation loss)
     "tiny": dict(bias_rate=1e-2),
     "tiny-maverick": dict(model="tiny-maverick", bias_rate=1e-2),
-    "smoke": dict(bias_rate=1e-2, seq_len=32, batch_size=4, steps=12, warmup=2, eval_every=6, eval_batches=2,
-                  ckpt_every=6, log_every=2, out_dir="runs/smoke"),
+    # the tiny preset with 4 image-text chat rows (synthetic scenes) per step: the multimodal model learns to look
+    "tiny-multimodal": dict(bias_rate=1e-2, image_rows=4, out_dir="runs/tiny-multimodal"),
+    "smoke": dict(bias_rate=1e-2, samples=False, seq_len=32, batch_size=4, steps=12, warmup=2, eval_every=6,
+                  eval_batches=2, ckpt_every=6, log_every=2, out_dir="runs/smoke"),
     "tiny-midtrain": dict(bias_rate=1e-2, seq_len=256, batch_size=4, steps=200, warmup=10, lr=1e-3, min_lr=1e-4,
                           data="builtin+passkey+kv", eval_every=50, ckpt_every=100, out_dir="runs/tiny-midtrain"),
 }

@@ -23,11 +23,33 @@ IGNORE = -100
 VAL_OFFSET = 10**6  # validation scenes use seeds of their own
 
 
+def pieces(text: str, max_chars: int) -> list[str]:
+    """`text` cut into consecutive pieces of at most about max_chars, at paragraph breaks where there are any, else at
+    a space (0: the text whole). Every character is kept (joining the pieces gives the text back)."""
+    if max_chars <= 0 or len(text) <= max_chars:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > max_chars:
+        window = text[start:start + max_chars]
+        for sep in ("\n\n", "\n", " "):  # the latest break of the best kind in the window's second half
+            k = window.rfind(sep)
+            if k > max_chars // 2:
+                cut = k + len(sep)
+                break
+        else:
+            cut = max_chars
+        out.append(text[start:start + cut])
+        start += cut
+    return out + [text[start:]]
+
+
 def documents(cfg, split: str) -> list[str]:
     """The run's documents: `data` is sources joined by '+' - "builtin" (the shipped corpus), a .txt / .jsonl file
-    or folder (herd.data.sources; every 20th document, or a lone document's last 5%, is held out for validation),
-    and the long-context tasks "passkey" / "kv" (herd.data.synthetic: one retrieval document of about seq_len
-    tokens, question and answer appended, per 10 documents of the other sources)."""
+    or folder, "hf:NAME" (the "text" column of a Hugging Face dataset's train split: a hub name, or a local folder
+    or data file as `datasets.load_dataset` takes it; needs `pip install datasets`) - of which every 20th document,
+    or a lone document's last 5%, is held out for validation - and the long-context tasks "passkey" / "kv"
+    (herd.data.synthetic: one retrieval document of about seq_len tokens, question and answer appended, per 10
+    documents of the other sources)."""
     docs, synthetic = [], []
     for source in cfg.data.split("+"):
         if source == "builtin":
@@ -37,14 +59,20 @@ def documents(cfg, split: str) -> list[str]:
         elif source in ("passkey", "kv"):
             synthetic.append(source)
         else:
-            from herd.data.sources import load_documents
+            from herd.data.sources import hf_documents, load_documents
 
-            mine = load_documents(source)
+            mine = hf_documents(source[3:]) if source.startswith("hf:") else load_documents(source)
             if len(mine) == 1:
                 cut = int(len(mine[0]) * 0.95)
                 docs.append(mine[0][:cut] if split == "train" else mine[0][cut:])
             else:
                 docs += [d for i, d in enumerate(mine) if (i % 20 == 19) == (split == "val")]
+    # Long documents (a whole play is 70k tiny-tokenizer tokens) are cut into pieces, each packed as a document of its
+    # own: training batches then mix the corpus's works instead of walking through one for tens of steps, and the few
+    # fixed validation batches sample about one row from each of many places of the held-out text instead of three
+    # documents (val pieces of ~1.5 rows; the first tokens of a piece have less context, in every evaluation alike).
+    limit = cfg.max_doc_chars if split == "train" else min(cfg.max_doc_chars, 4 * cfg.seq_len)
+    docs = [p for d in docs for p in pieces(d, limit)]
     if synthetic:
         from herd.data import synthetic as syn
 
@@ -98,7 +126,8 @@ class ImageRows:
 
     def __init__(self, cfg, tok, vcfg, split: str = "train", rank: int = 0, world_size: int = 1):
         self.tok, self.vcfg, self.rows, self.max_len = tok, vcfg, cfg.image_rows, cfg.image_seq_len
-        self.seed, self.size, self.task = cfg.seed + (VAL_OFFSET if split == "val" else 0), cfg.scene_size, "mixed"
+        self.seed = cfg.seed + (VAL_OFFSET if split == "val" else 0)
+        self.size, self.task = cfg.scene_size, cfg.scene_task
         self.rank, self.world, self.index = rank, world_size, 0
         self.records = None
         if cfg.image_data != "scenes":

@@ -18,7 +18,9 @@ Measures (documented here because numbers mean nothing without their definitions
 
 Image-text rows (`image_rows` > 0, herd.train.inputs.ImageRows): the model is the multimodal one (vision tower +
 decoder, Hugging Face `Llama4ForConditionalGeneration` layout); each micro-batch adds a forward pass over that many
-chat rows with their images, whose answer tokens join the step's targets (one mean over all of them). Validation
+chat rows with their images. The objective is (1 - image_weight) x the mean loss over the text targets +
+image_weight x the mean over the answer tokens: answers are a few tokens against a thousand of text per step, and
+in one plain mean they weigh ~2%, too little for a tiny model to learn to look in minutes. Validation
 reports `val_image_loss` over fixed held-out chats next to the text `val_loss` / `val_bpb`, which stay text-only so
 runs with and without images compare. A distillation teacher sees the text rows only.
 
@@ -223,35 +225,39 @@ class Run:
             raise ValueError("the packer's labels equal its input_ids: labels must be the next tokens (shifted)")
         if self.images is not None:  # one pass of image-text chat rows per micro-batch (module docstring)
             micro += [{k: v.to(self.device) for k, v in next(self.images).items()} for _ in range(cfg.grad_accum)]
-        n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in micro)
+        count = [int((b["labels"] != IGNORE).sum()) for b in micro]
+        n_text, n_img = max(sum(count[:cfg.grad_accum]), 1), max(sum(count[cfg.grad_accum:]), 1)
+        w = cfg.image_weight if self.images is not None else 0.0  # the objective: (1 - w) text mean + w image mean
         ce, img_ce, aux, kl = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0.0, 0.0
         alpha = self._alpha() if self.teacher is not None else None
         loads = torch.zeros_like(self.loads)
-        for b in micro:
-            image = "pixel_values" in b or "doc_ids" not in b
+        for i, b in enumerate(micro):
+            image = i >= cfg.grad_accum
             with self._autocast():
                 logits, router_logits = self._forward(b, return_router_logits=True)
             ce_sum = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE,
                                      reduction="sum")
-            loss = ce_sum / max(n_targets, 1)
+            share = w / n_img if image else (1 - w) / n_text  # weight of this batch's summed loss
+            loss = ce_sum * share
             if self.teacher is not None and not image:
-                loss, kl_part = self._distill(b, logits, n_targets, alpha)
-                kl += kl_part
+                loss, kl_part = self._distill(b, logits, share, alpha)
+                kl += kl_part / (1 - w)
             if cfg.balance == "aux_loss" and router_logits:
                 a = balance.switch_aux_loss(router_logits, self.tcfg.num_experts_per_tok, self.tcfg.num_local_experts)
                 loss = loss + cfg.aux_coef * a / len(micro)
                 aux += float(a.detach()) / len(micro)
             loss.backward()
-            ce += ce_sum.detach()
             if image:
                 img_ce += ce_sum.detach()
+            else:
+                ce += ce_sum.detach()
             if router_logits:
                 with torch.no_grad():
                     loads += balance.expert_loads(model, [r.detach() for r in router_logits]).float()
         if cfg.balance == "aux_free" and len(loads):
             balance.update_biases(model, loads, cfg.bias_rate)  # sums the loads over ranks itself
         loads = _all_sum(loads, self.world)  # for the log: the whole step's tokens
-        loss_val = float(_all_sum(ce / max(n_targets, 1), self.world)) / self.world
+        loss_val = float(_all_sum(ce / n_text, self.world)) / self.world  # text cross-entropy: comparable across runs
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         if not (math.isfinite(loss_val) and math.isfinite(gnorm)):
@@ -269,8 +275,7 @@ class Run:
         if cfg.balance == "aux_loss":
             m["aux"] = aux
         if self.images is not None:
-            n_img = sum(int((b["labels"] != IGNORE).sum()) for b in micro[cfg.grad_accum:])
-            m["image_loss"] = float(_all_sum(img_ce / max(n_img, 1), self.world)) / self.world
+            m["image_loss"] = float(_all_sum(img_ce / n_img, self.world)) / self.world
         if self.teacher is not None:
             m["kl"], m["alpha"] = kl, alpha
         return m
@@ -288,14 +293,14 @@ class Run:
         return alpha_at(self.step, cfg.steps, cfg.alpha_schedule, cfg.alpha,
                         cfg.alpha if cfg.alpha_end is None else cfg.alpha_end)
 
-    def _distill(self, b: dict, logits: torch.Tensor, n_targets: int, alpha: float) -> tuple[torch.Tensor, float]:
-        """This micro-batch's share of the distillation objective, and of the step's mean KL."""
+    def _distill(self, b: dict, logits: torch.Tensor, weight: float, alpha: float) -> tuple[torch.Tensor, float]:
+        """This micro-batch's part of the distillation objective (its targets x `weight`), and of the mean KL."""
         from herd.train.distill import distill_loss
 
         with torch.no_grad(), self._autocast():
             t_logits = self.teacher(b["input_ids"], doc_ids=b["doc_ids"])
         loss, info = distill_loss(logits.float(), t_logits.float(), b["labels"], alpha, self.cfg.tau)
-        share = int((b["labels"] != IGNORE).sum()) / max(n_targets, 1)  # distill_loss: mean over this micro-batch
+        share = int((b["labels"] != IGNORE).sum()) * weight  # distill_loss is a mean over this micro-batch
         return loss * share, float(info["kl"]) * share
 
     def _diverged(self, loss: float, gnorm: float) -> None:
@@ -434,6 +439,13 @@ class Run:
             from herd.train.plots import plot_run
 
             plot_run(self.out)
+        if cfg.samples and self.main and self.world == 1:  # a sharded model would need every rank to generate
+            from herd.train.samples import print_samples
+
+            acc = print_samples(self.model, self.tok, self.mcfg, cfg.seed, self.out, cfg.scene_size)
+            if acc:
+                self.log({"kind": "samples", "step": self.step, **acc})
+                self.last_val = {**self.last_val, **acc}
         return {"step": self.step, "tokens": self.tokens, "time_s": time.perf_counter() - t_start,
                 "out_dir": str(self.out), "checkpoint": str(ckpt.latest(self.ckpt_root)),
                 "hf": str(hf) if hf else None, **self.last_val}

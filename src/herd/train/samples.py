@@ -1,0 +1,106 @@
+"""What a run's model says at the end: text continuations of fixed prompts and, for a multimodal run, answers about
+held-out synthetic scenes next to the right answers. Greedy, so the samples of a run are reproducible.
+
+The text prompts are openings in the corpus's own registers (prose, verse, scripture, glosses); the scene questions
+come from the validation stream (seeds the run never trained on).
+
+Does the model look? `scene_accuracy` asks n held-out questions (count, colour, shape, left/right, above/below) twice:
+with the scene the question is about, and with the next scene's image instead (same question, wrong picture). A
+model that answers from the question alone (the most common colour, "2") scores the same on both; the gap between
+the two is what the image contributes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PROMPTS = ("It is a truth universally acknowledged, that", "To be, or not to be:", "In the beginning",
+           "The king said to his daughter,")
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device if model is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def text_samples(model, tok, prompts=PROMPTS, max_new_tokens: int = 40) -> list[tuple[str, str]]:
+    """[(prompt, continuation)] by greedy decoding from BOS + prompt."""
+    from herd.infer.generate import generate
+
+    out = []
+    for p in prompts:
+        ids = torch.tensor([[tok.bos_id] + tok.encode(p)], device=_device(model))
+        new = generate(model, ids, max_new_tokens, eos_token_id=tok.stop_ids)[0, ids.shape[1]:]
+        out.append((p, tok.decode(new.tolist(), skip_special=True)))
+    return out
+
+
+@torch.no_grad()
+def scene_samples(model, tok, vcfg, seed: int, n: int = 3, size: int = 56, max_new_tokens: int = 24) -> list[dict]:
+    """[{"question", "answer", "expected", "image"}] for n held-out scenes (the run's validation seeds)."""
+    from herd.chat import prepare_chat
+    from herd.data.synthetic import scene_chat
+    from herd.infer.generate import generate
+    from herd.train.inputs import VAL_OFFSET
+
+    out = []
+    for i in range(n):
+        image, messages = scene_chat(seed + VAL_OFFSET, 10_000 + i, "qa", size=size, max_shapes=4)
+        ids, batch = prepare_chat(messages[:1], tok, tile_size=vcfg.image_size, max_tiles=vcfg.max_tiles,
+                                  tokens_per_tile=vcfg.tokens_per_tile)
+        ids = torch.tensor([ids], device=_device(model))
+        new = generate(model, ids, max_new_tokens, eos_token_id=tok.stop_ids,
+                       pixel_values=batch.pixel_values.to(ids.device))
+        question = next(p["text"] for p in messages[0]["content"] if p["type"] == "text")
+        out.append({"question": question, "answer": tok.decode(new[0, ids.shape[1]:].tolist(), skip_special=True),
+                    "expected": messages[1]["content"], "image": image})
+    return out
+
+
+@torch.no_grad()
+def scene_accuracy(model, tok, vcfg, seed: int, n: int = 100, size: int = 56) -> dict:
+    """Exact-match accuracy on n held-out scene questions with the right image and with another scene's image."""
+    from herd.chat import prepare_chat
+    from herd.data.synthetic import scene_chat
+    from herd.infer.generate import generate
+    from herd.train.inputs import VAL_OFFSET
+
+    kw = dict(tile_size=vcfg.image_size, max_tiles=vcfg.max_tiles, tokens_per_tile=vcfg.tokens_per_tile)
+    scenes = [scene_chat(seed + VAL_OFFSET, 20_000 + i, "qa", size=size, max_shapes=4) for i in range(n + 1)]
+    right = {"image": 0, "other_image": 0}
+    for i in range(n):
+        messages, expected = scenes[i][1], scenes[i][1][1]["content"]
+        for key, image in (("image", scenes[i][0]), ("other_image", scenes[i + 1][0])):
+            user = [p if p["type"] == "text" else {"type": "image_url", "image_url": {"url": image}}
+                    for p in messages[0]["content"]]
+            ids, batch = prepare_chat([{"role": "user", "content": user}], tok, **kw)
+            ids = torch.tensor([ids], device=_device(model))
+            new = generate(model, ids, 8, eos_token_id=tok.stop_ids, pixel_values=batch.pixel_values.to(ids.device))
+            right[key] += tok.decode(new[0, ids.shape[1]:].tolist(), skip_special=True).strip() == expected
+    return {"scene_qa_accuracy": right["image"] / n, "scene_qa_accuracy_other_image": right["other_image"] / n,
+            "scene_qa_questions": n}
+
+
+def print_samples(model, tok, mcfg, seed: int, out_dir=None, scene_size: int = 56) -> dict:
+    """Print text samples, and for a multimodal model scene answers (saving the scenes as PNGs in out_dir) and the
+    held-out scene accuracy, which is returned ({} for a text model)."""
+    was_training = model.training
+    model.eval()
+    print("samples (greedy):")
+    for prompt, cont in text_samples(model, tok):
+        print(f"  {prompt!r} -> {cont!r}")
+    vcfg = getattr(mcfg, "vision_config", None)
+    if vcfg is not None:
+        for i, s in enumerate(scene_samples(model, tok, vcfg, seed, size=scene_size)):
+            where = ""
+            if out_dir is not None:
+                path = f"{out_dir}/scene_{i}.png"
+                s["image"].save(path)
+                where = f" [{path}]"
+            print(f"  image{where}: {s['question']!r} -> {s['answer']!r} (right answer: {s['expected']!r})")
+        acc = scene_accuracy(model, tok, vcfg, seed, size=scene_size)
+        print(f"held-out scene questions: {100 * acc['scene_qa_accuracy']:.0f}% right with their image, "
+              f"{100 * acc['scene_qa_accuracy_other_image']:.0f}% with another scene's image "
+              f"({acc['scene_qa_questions']} questions)")
+    model.train(was_training)
+    return acc if vcfg is not None else {}
