@@ -59,3 +59,36 @@ def test_bad_inputs_fail_cleanly(ckpt, tmp_path):
     herd("init", "--preset", "tiny", "--out", text_only)
     bad = herd("generate", "--model", text_only, "--prompt", "x", "--image", IMAGES / "square_h224_w224.png", ok=False)
     assert bad.returncode == 2 and "text-only model" in bad.stderr
+
+
+def test_chat_in_the_terminal(ckpt):
+    """`herd chat` with piped input: answers stream, images attach, bad input is reported and changes nothing."""
+    script = "\n".join(["hello", "/set max_new_tokens=6 temperature=0", f"/image {IMAGES / 'square_h224_w224.png'}",
+                        "what is in the picture?", "/image missing.png", "/set top_p=7", "/bogus", "/show",
+                        "/system Be brief.", "/show", "/quit", "never read"]) + "\n"
+    out = subprocess.run([sys.executable, "-m", "herd.cli", "chat", "--model", str(ckpt), "--max-new-tokens", "4"],
+                         input=script, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert text.count("assistant: ") == 2 + 2  # two answers, and two in the first /show
+    assert "(1 image(s) attached to your next message)" in text
+    assert "error: image file 'missing.png' does not exist" in text  # refused when attached
+    assert "error: need temperature >= 0" in text and "error: unknown command /bogus" in text
+    first_show = text.split("settings:")[0]
+    assert "user: hello" in first_show and "user: [image] what is in the picture?" in first_show
+    assert "(system prompt set; new conversation)" in text
+    assert text.rstrip().endswith("settings: {'temperature': 0.0, 'top_p': None, 'top_k': None, "
+                                  "'max_new_tokens': 6, 'seed': 0}")  # the new conversation is empty
+
+
+def test_chat_refuses_a_conversation_longer_than_the_context(ckpt):
+    from herd.checkpoint import from_pretrained
+    from herd.terminal_chat import Session, reply
+    from herd.tokenizer import Tokenizer
+
+    model, tok = from_pretrained(ckpt).eval(), Tokenizer.from_pretrained(ckpt)
+    session = Session()
+    session.settings["max_new_tokens"] = 4096
+    with pytest.raises(ValueError, match="exceeds the model's 4096"):
+        reply(model, tok, session, "hi")
+    assert session.messages == []  # nothing kept

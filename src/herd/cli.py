@@ -6,6 +6,7 @@
   herd generate --model DIR --prompt "hi" [--image cat.png]   chat-formatted generation, streamed
   herd generate --model DIR --prompt-ids 1,2,3        raw token ids in and out
   herd generate --model DIR --raw --prompt "Once"     plain-text continuation (no chat format)
+  herd chat --model DIR                               terminal chat: streaming, /image PATH, /system, /set, /reset
   herd train --preset tiny --out runs/x [--max-steps N] [--config FILE] [--key=value ...]
   herd train --resume runs/x [--max-steps N]          continue a run exactly from its newest checkpoint
   herd midtrain --init runs/x --out runs/x-long       continue at a longer context (see herd.train.cli)
@@ -136,6 +137,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from herd.terminal_chat import Session, run
+
+    model, tok = _load(args)
+    if tok is None:
+        print("error: this checkpoint has no tokenizer.json", file=sys.stderr)
+        return 2
+    session = Session(system=args.system)
+    session.settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return run(model, tok, session)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="herd",
                                 description="Llama 4 in PyTorch: model, checkpoints, generation, training.")
@@ -169,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_generate)
+    sp = sub.add_parser("chat", help="chat in the terminal: streamed answers, /image PATH, /system, /set, /reset")
+    source(sp)
+    sp.add_argument("--system", default=None, help="system prompt")
+    sp.add_argument("--max-new-tokens", type=int, default=256)
+    sp.add_argument("--temperature", type=float, default=0.0)
+    sp.add_argument("--top-p", type=float, default=None)
+    sp.add_argument("--top-k", type=int, default=None)
+    sp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_chat)
     from herd.train.cli import add_train_parser
 
     add_train_parser(sub)
