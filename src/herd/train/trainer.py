@@ -20,7 +20,7 @@ Image-text rows (`image_rows` > 0, herd.train.inputs.ImageRows): the model is th
 decoder, Hugging Face `Llama4ForConditionalGeneration` layout); each micro-batch adds a forward pass over that many
 chat rows with their images. The objective is (1 - image_weight) x the mean loss over the text targets +
 image_weight x the mean over the answer tokens: answers are a few tokens against a thousand of text per step, and
-in one plain mean they weigh ~2%, too little for a tiny model to learn to look in minutes. Validation
+in one plain mean they would weigh ~2% of it. Validation
 reports `val_image_loss` over fixed held-out chats next to the text `val_loss` / `val_bpb`, which stay text-only so
 runs with and without images compare. A distillation teacher sees the text rows only.
 
