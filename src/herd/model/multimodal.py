@@ -63,10 +63,11 @@ class Llama4ForConditionalGeneration(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache=None, return_router_logits: bool = False, logits_to_keep: int = 0,
-                doc_ids: torch.Tensor | None = None):
+                doc_ids: torch.Tensor | None = None, temperature_positions: torch.Tensor | None = None):
         return self.language_model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                    return_router_logits=return_router_logits, logits_to_keep=logits_to_keep,
-                                   inputs_embeds=self.fuse(input_ids, pixel_values), doc_ids=doc_ids)
+                                   inputs_embeds=self.fuse(input_ids, pixel_values), doc_ids=doc_ids,
+                                   temperature_positions=temperature_positions)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

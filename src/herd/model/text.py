@@ -80,11 +80,12 @@ class Llama4ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache=None, return_router_logits: bool = False, logits_to_keep: int = 0,
-                inputs_embeds: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
+                inputs_embeds: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                temperature_positions: torch.Tensor | None = None):
         if pixel_values is not None:
             raise ValueError("this is a text-only Llama4ForCausalLM: it has no vision tower for pixel_values")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        h, router_logits = self.decode(x, attention_mask, position_ids, cache, doc_ids)
+        h, router_logits = self.decode(x, attention_mask, position_ids, cache, doc_ids, temperature_positions)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)  # (B, T, V)
@@ -99,11 +100,15 @@ class Llama4ForCausalLM(nn.Module):
             raise ValueError(f"token id {bad} is outside the vocabulary (size {V})")
         return self.model.embed_tokens(input_ids)
 
-    def decode(self, x, attention_mask=None, position_ids=None, cache=None, doc_ids=None):
+    def decode(self, x, attention_mask=None, position_ids=None, cache=None, doc_ids=None, temperature_positions=None):
         """Run the decoder stack on embeddings x (B, T, D); returns (normed hidden states, router logits).
 
         `doc_ids` (B, T) marks packed documents (training): attention never crosses a document boundary, and
         positions, chunks and temperature restart at each document, as if every document ran alone.
+        `temperature_positions` (B, T): where each token sits in its own sequence, for the NoPE layers' attention
+        temperature. By default it is the cache position, padding included (transformers' convention, which the
+        parity tests follow); a batching engine passes real positions so a left-padded row computes what it
+        computes alone (RoPE and the chunk rule already follow each row's own start).
         """
         cfg = self.config
         B, T, _ = x.shape
@@ -124,9 +129,10 @@ class Llama4ForCausalLM(nn.Module):
             start = max(0, seen - cache.window(chunked)) if cache is not None else 0
             k_pos = torch.arange(start, seen + T, device=x.device)
             masks[chunked] = build_mask(q_pos, k_pos, attention_mask, cfg.attention_chunk_size if chunked else None)
+        t_pos = q_pos if temperature_positions is None else temperature_positions.to(x.device)
         router_logits = []
         for layer in self.model.layers:
-            x, logits = layer(x, phases, q_pos, masks[layer.chunked], cache)
+            x, logits = layer(x, phases, t_pos, masks[layer.chunked], cache)
             if logits is not None:
                 router_logits.append(logits)
         if cache is not None:

@@ -1,0 +1,230 @@
+"""The inference engine: token ids in, token ids (and text) out, many requests at once. Knows nothing of HTTP.
+
+Continuous batching: requests join and leave one running batch between decode steps.
+- A new request is prefilled alone, in pieces of `prefill_chunk` tokens (a long prompt never needs one huge
+  attention), into a cache of its own; its images are encoded once, with the prompt (a prompt with images is
+  prefilled in one piece, since an image's tokens must arrive together). Its first token is sampled from that pass.
+- It then joins the batch: its cache is merged into the batch's by left padding (herd.model.cache.KVCache rows share
+  one length). Chunked (RoPE) layers keep at most `attention_chunk_size - 1` positions per row, global (NoPE) layers
+  the whole context, so memory is the two-tier cost of herd.model.cache.
+- A left-padded row computes what it computes alone: RoPE gets each row's real positions (`position_ids`), the chunk
+  rule counts from each row's first real token (herd.model.attention.build_mask), and the NoPE layers' attention
+  temperature gets real positions too (`temperature_positions`). Only float summation order may differ from a batch
+  of one, so greedy outputs are the same (tests/infer/test_engine.py).
+- Every decode step feeds each running row its last token, samples all rows at once (herd.infer.sampling: per-row
+  settings, per-request seeded generators), and runs each row's StopChecker (stop ids, stop strings, max tokens).
+  Finished or cancelled rows leave the batch at once (their cache rows are dropped) and the shared left padding the
+  batch no longer needs is trimmed.
+
+Use:
+    engine = Engine(model, tokenizer)
+    req = engine.submit(prompt_ids, SamplingParams(max_new_tokens=64), on_delta=lambda r, text: print(text))
+    engine.run()            # or engine.step() from your own loop; engine.cancel(req) at any time
+    req.output_ids, req.text, req.finish_reason
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from herd.infer.sampling import SamplingParams, make_generator, sample
+from herd.infer.stops import StopChecker
+from herd.model.cache import KVCache
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: the prompt, its settings, and what came out so far."""
+
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    pixel_values: torch.Tensor | None = None
+    on_delta: Callable[[Request, str], None] | None = None  # called after every new token with its new text
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    checker: StopChecker | None = None
+    generator: torch.Generator | None = None
+    pieces: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Pad (B, G, S, D) on the left of S with n zero positions."""
+    return F.pad(t, (0, 0, n, 0)) if n else t
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 32, prefill_chunk: int = 512):
+        self.model, self.tok = model.eval(), tokenizer
+        self.cfg = getattr(model.config, "text_config", model.config)
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.device = next(model.parameters()).device
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # row r of the batch cache is running[r]
+        self.cache: KVCache | None = None
+        self.mask: torch.Tensor | None = None  # (R, S) True = a real token (False: left padding)
+        self.lengths: list[int] = []  # real tokens in each row's cache
+        self.next_ids: list[int] = []  # each row's token not yet fed to the model
+        self._ids = itertools.count()
+        self._sampling = False  # inside _sample: a cancel from a callback only marks the request
+
+    # ---- requests --------------------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               pixel_values: torch.Tensor | None = None, on_delta=None) -> Request:
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.cfg.max_position_embeddings:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is "
+                             f"{self.cfg.max_position_embeddings}")
+        if pixel_values is not None and not hasattr(self.model.config, "vision_config"):
+            raise ValueError("this is a text-only model: it cannot take images")
+        req = Request(next(self._ids), prompt, params, pixel_values, on_delta,
+                      checker=StopChecker(params, self.tok), generator=make_generator(params, self.device))
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request now; a running one leaves the batch (and frees its cache rows) at once."""
+        if req.finished:
+            return
+        req.finish_reason = "cancelled"
+        if req in self.waiting:
+            self.waiting.remove(req)
+        elif req in self.running and not self._sampling:  # else _sample drops it when its loop ends
+            self._drop([r for r in range(len(self.running)) if self.running[r] is not req])
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def run(self) -> None:
+        while self.busy:
+            self.step()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[Request]:
+        """Submit every prompt, run to the end, return the requests in order."""
+        reqs = [self.submit(p, params) for p in prompts]
+        self.run()
+        return reqs
+
+    # ---- one scheduler iteration -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        """Admit waiting requests (prefill + first token), then one decode step for every running row."""
+        while self.waiting and len(self.running) < self.max_batch:
+            self._admit(self.waiting.popleft())
+        if self.running:
+            self._decode()
+
+    def _admit(self, req: Request) -> None:
+        cache, ids = KVCache(self.cfg), torch.tensor([req.prompt_ids], device=self.device)
+        piece = ids.shape[1] if req.pixel_values is not None else self.prefill_chunk
+        for start in range(0, ids.shape[1], piece):
+            extra = {"pixel_values": req.pixel_values.to(self.device)} if req.pixel_values is not None else {}
+            logits = self.model(ids[:, start:start + piece], cache=cache, logits_to_keep=1, **extra)
+        self._merge(cache, len(req.prompt_ids))
+        self.running.append(req)
+        self.next_ids.append(-1)
+        self._sample(logits[:, -1], [len(self.running) - 1])
+
+    def _decode(self) -> None:
+        R = len(self.running)
+        ids = torch.tensor(self.next_ids, device=self.device)[:, None]  # (R, 1)
+        pos = torch.tensor(self.lengths, device=self.device)[:, None]  # (R, 1) real positions
+        self.mask = torch.cat([self.mask, torch.ones(R, 1, dtype=torch.bool, device=self.device)], dim=1)
+        logits = self.model(ids, attention_mask=self.mask, position_ids=pos, temperature_positions=pos,
+                            cache=self.cache, logits_to_keep=1)
+        self.lengths = [n + 1 for n in self.lengths]
+        self._sample(logits[:, -1], list(range(R)))
+
+    def _sample(self, logits: torch.Tensor, rows: list[int]) -> None:
+        """Pick the next token of `rows` (logits (len(rows), V)), stream their text, retire finished rows."""
+        reqs = [self.running[r] for r in rows]
+        self._sampling = True
+        try:
+            self._deliver(rows, reqs, logits)
+        finally:
+            self._sampling = False
+        keep = [r for r, q in enumerate(self.running) if not q.finished]
+        if len(keep) < len(self.running):
+            self._drop(keep)
+
+    def _deliver(self, rows: list[int], reqs: list[Request], logits: torch.Tensor) -> None:
+        out = sample(logits, [q.params for q in reqs], [q.generator for q in reqs],
+                     [q.prompt_ids for q in reqs], [q.output_ids for q in reqs])
+        for i, (r, q) in enumerate(zip(rows, reqs, strict=True)):
+            if q.finished:  # cancelled from an earlier row's callback in this loop
+                continue
+            t = int(out.tokens[i])
+            q.output_ids.append(t)
+            if q.params.logprobs:
+                k = q.params.top_logprobs
+                q.logprobs.append({"token": t, "logprob": float(out.logprobs[i]),
+                                   "top": list(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist(),
+                                                   strict=True))})
+            delta = q.checker.add(t)
+            if not q.checker.finished and self.lengths[r] + 1 >= self.cfg.max_position_embeddings:
+                delta += q.checker.finish("length")  # the context is full
+            if delta:
+                q.pieces.append(delta)
+            if q.on_delta is not None:  # every token, also one whose text is held back (""): logprobs stream too
+                q.on_delta(q, delta)
+            if q.checker.finished and not q.finished:
+                q.finish_reason = q.checker.finish_reason
+            self.next_ids[r] = t
+
+    # ---- the batch cache -------------------------------------------------------------------------------------------
+    def _merge(self, new: KVCache, n: int) -> None:
+        """Append a prefilled one-row cache (n real positions) to the batch, left-padding whichever is shorter."""
+        new_mask = torch.ones(1, n, dtype=torch.bool, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask, self.lengths = new, new_mask, [n]
+            return
+        old, S = self.cache, max(self.cache.seen, new.seen)
+        for i in range(len(old.k)):
+            a, b = old.k[i][:, :, :old.length[i]], new.k[i][:, :, :new.length[i]]
+            av, bv = old.v[i][:, :, :old.length[i]], new.v[i][:, :, :new.length[i]]
+            keep = min(S, old.chunk - 1) if old.chunked[i] else S
+            old.k[i] = torch.cat([_left_pad(a, keep - a.shape[2]), _left_pad(b, keep - b.shape[2])])
+            old.v[i] = torch.cat([_left_pad(av, keep - av.shape[2]), _left_pad(bv, keep - bv.shape[2])])
+            old.length[i] = keep
+        self.mask = torch.cat([F.pad(self.mask, (S - self.mask.shape[1], 0)), F.pad(new_mask, (S - n, 0))])
+        old.seen = S
+        self.lengths.append(n)
+
+    def _drop(self, keep: list[int]) -> None:
+        """Keep only batch rows `keep`, then trim the left padding every remaining row has."""
+        self.running = [self.running[r] for r in keep]
+        self.next_ids = [self.next_ids[r] for r in keep]
+        self.lengths = [self.lengths[r] for r in keep]
+        if not keep:
+            self.cache = self.mask = None
+            return
+        rows = torch.tensor(keep, device=self.device)
+        self.cache.reorder(rows)
+        self.mask = self.mask[rows]
+        lead = int((~self.mask).int().cumprod(-1).sum(-1).min())  # left padding common to all rows
+        if lead:
+            c, S = self.cache, self.cache.seen - lead
+            for i in range(len(c.k)):
+                n = min(c.length[i], S)  # a chunked layer keeps min(S, C - 1), a global one S positions
+                c.k[i], c.v[i] = c.k[i][:, :, c.length[i] - n:c.length[i]], c.v[i][:, :, c.length[i] - n:c.length[i]]
+                c.length[i] = n
+            c.seen, self.mask = S, self.mask[:, lead:]

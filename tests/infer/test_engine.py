@@ -1,0 +1,163 @@
+"""The continuous-batching engine: equal to transformers' generate, batching that changes nothing, bounded chunked
+caches, cancellation, stop strings, logprobs.
+
+The tiny preset has 16-token attention chunks and temperature tuning from position 8 on (floor_scale 8), so every
+test here crosses chunk boundaries and depends on positions being each row's own.
+Run: .venv/bin/python -m pytest tests/infer/test_engine.py -v
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import herd
+from herd.infer.engine import Engine
+from herd.infer.sampling import SamplingParams
+from herd.tokenizer import tiny_tokenizer
+from tests.conftest import twin_models
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _prompts(cfg, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 900, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_one_request_equals_transformers_generate(tok):
+    cfg = herd.preset("tiny")
+    ours, ref = twin_models(cfg, seed=5)
+    prompt = _prompts(cfg, [21])[0]
+    n = 60
+    expected = ref.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            pad_token_id=0)[0, 21:].tolist()
+    req = Engine(ours, tok, prefill_chunk=8).generate([prompt], SamplingParams(max_new_tokens=n, **GREEDY))[0]
+    assert req.output_ids == expected and req.finish_reason == "length"
+
+
+def test_mixed_batch_equals_transformers_left_padded_generate(tok):
+    """transformers batches by left padding, with temperature at padded positions: equal where it is still 1."""
+    cfg = herd.preset("tiny", floor_scale=4096)
+    ours, ref = twin_models(cfg, seed=6)
+    prompts = _prompts(cfg, [19, 15, 8], seed=6)
+    n = 40
+    ids = torch.zeros(3, 19, dtype=torch.long)
+    mask = torch.zeros(3, 19, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, 19 - len(p):], mask[r, 19 - len(p):] = torch.tensor(p), 1
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            pad_token_id=0)[:, 19:]
+    reqs = Engine(ours, tok).generate(prompts, SamplingParams(max_new_tokens=n, **GREEDY))
+    assert [r.output_ids for r in reqs] == expected.tolist()
+
+
+def test_batching_and_joining_change_nothing(tok):
+    """Requests of different lengths joining a running batch at different steps give what each gives alone."""
+    cfg = herd.preset("tiny")
+    model = herd.build_model(cfg, seed=7).eval()
+    prompts = _prompts(cfg, [5, 23, 40, 9, 31, 17], seed=7)
+    settings = [SamplingParams(max_new_tokens=30 + 3 * i, **GREEDY) for i in range(4)] + \
+               [SamplingParams(max_new_tokens=35, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True),
+                SamplingParams(max_new_tokens=25, temperature=1.2, top_k=20, repetition_penalty=1.3, seed=3,
+                               ignore_eos=True)]
+    alone = [Engine(model, tok).generate([p], s)[0].output_ids for p, s in zip(prompts, settings, strict=True)]
+    engine = Engine(model, tok, prefill_chunk=16)
+    reqs = [engine.submit(p, s) for p, s in zip(prompts[:3], settings[:3], strict=True)]
+    for _ in range(7):
+        engine.step()
+    reqs += [engine.submit(p, s) for p, s in zip(prompts[3:], settings[3:], strict=True)]
+    engine.run()
+    assert [r.output_ids for r in reqs] == alone
+    assert engine.cache is None and not engine.running  # everything finished and freed
+
+
+def test_chunked_layers_stay_bounded_on_a_long_generation(tok):
+    cfg = herd.preset("tiny")
+    engine = Engine(herd.build_model(cfg, seed=8), tok)
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=120 - 30 * i, **GREEDY))
+            for i, p in enumerate(_prompts(cfg, [12, 30, 3], seed=8))]
+    widest = 0
+    while engine.busy:
+        engine.step()
+        if engine.cache is not None:
+            for i, chunked in enumerate(engine.cache.chunked):
+                if chunked:
+                    widest = max(widest, engine.cache.k[i].shape[2])
+                    assert engine.cache.length[i] <= cfg.attention_chunk_size - 1
+    assert widest == cfg.attention_chunk_size - 1  # it filled up to the bound and no further
+    assert [len(r.output_ids) for r in reqs] == [120, 90, 60]
+
+
+def test_cancel_frees_the_row_at_once_also_from_a_callback(tok):
+    cfg = herd.preset("tiny")
+    engine = Engine(herd.build_model(cfg, seed=9), tok)
+    prompts = _prompts(cfg, [6, 14, 10], seed=9)
+    seen = []
+
+    def stop_after_three(req, text):
+        seen.append(text)
+        if len(req.output_ids) == 3:
+            engine.cancel(req)
+
+    a = engine.submit(prompts[0], SamplingParams(max_new_tokens=50, **GREEDY))
+    b = engine.submit(prompts[1], SamplingParams(max_new_tokens=50, **GREEDY), on_delta=stop_after_three)
+    c = engine.submit(prompts[2], SamplingParams(max_new_tokens=50, **GREEDY))
+    for _ in range(5):
+        engine.step()
+    assert b.finish_reason == "cancelled" and len(b.output_ids) == 3 and b not in engine.running
+    engine.cancel(a)
+    assert a.finish_reason == "cancelled" and engine.running == [c] and engine.cache.k[0].shape[0] == 1
+    engine.run()
+    assert c.finish_reason == "length" and len(c.output_ids) == 50
+    assert c.output_ids == Engine(engine.model, tok).generate([prompts[2]], c.params)[0].output_ids
+
+
+def test_stop_strings_eos_and_logprobs(tok):
+    cfg = herd.preset("tiny")
+    model = herd.build_model(cfg, seed=10)
+    free = Engine(model, tok).generate([_prompts(cfg, [8], seed=10)[0]], SamplingParams(max_new_tokens=40,
+                                                                                         **GREEDY))[0]
+    stop = free.text[5:9]  # a string the model is known to produce
+    params = SamplingParams(max_new_tokens=40, stop=[stop], logprobs=True, top_logprobs=3, **GREEDY)
+    req = Engine(model, tok).generate([_prompts(cfg, [8], seed=10)[0]], params)[0]
+    assert req.finish_reason == "stop" and req.text == free.text[:free.text.index(stop)]
+    assert len(req.logprobs) == len(req.output_ids)
+    first = req.logprobs[0]
+    assert first["token"] == first["top"][0][0] and len(first["top"]) == 3  # greedy picks the most likely
+    assert first["logprob"] <= 0
+    with pytest.raises(ValueError, match="the model's context is 4096"):
+        Engine(model, tok).submit(list(range(3, 4099)))
+
+
+def test_an_image_request_in_a_batch_equals_generate_alone(tok):
+    from herd.chat import prepare_chat
+    from herd.data.synthetic import scene_chat
+
+    cfg = herd.multimodal_preset("tiny")
+    model = herd.build_model(cfg, seed=11).eval()
+    v = cfg.vision_config
+    ids, images = prepare_chat(scene_chat(0, 1, "qa", size=56)[1][:1], tok, tile_size=v.image_size,
+                               max_tiles=v.max_tiles, tokens_per_tile=v.tokens_per_tile)
+    expected = herd.generate(model, torch.tensor([ids]), 25, pixel_values=images.pixel_values)[0, len(ids):].tolist()
+    engine = Engine(model, tok, prefill_chunk=8)  # the image prompt is prefilled whole; the text one in pieces
+    text_req = engine.submit(_prompts(cfg.text_config, [30], seed=11)[0], SamplingParams(max_new_tokens=30, **GREEDY))
+    engine.step()
+    image_req = engine.submit(ids, SamplingParams(max_new_tokens=25, **GREEDY), pixel_values=images.pixel_values)
+    engine.run()
+    assert image_req.output_ids == expected and len(text_req.output_ids) == 30
+    with pytest.raises(ValueError, match="text-only model"):
+        Engine(herd.build_model(cfg.text_config, seed=0), tok).submit(ids, pixel_values=images.pixel_values)
