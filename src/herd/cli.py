@@ -6,6 +6,7 @@
   herd generate --model DIR --prompt "hi" [--image cat.png]   chat-formatted generation, streamed
   herd generate --model DIR --prompt-ids 1,2,3        raw token ids in and out
   herd generate --model DIR --raw --prompt "Once"     plain-text continuation (no chat format)
+  herd serve --model DIR [--port 8000]                OpenAI-compatible server (herd.serve)
   herd chat --model DIR                               terminal chat: streaming, /image PATH, /system, /set, /reset
   herd train --preset tiny --out runs/x [--max-steps N] [--config FILE] [--key=value ...]
   herd train --resume runs/x [--max-steps N]          continue a run exactly from its newest checkpoint
@@ -150,6 +151,21 @@ def cmd_chat(args) -> int:
     return run(model, tok, session)
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from herd.serve import build_service
+    from herd.serve.app import create_app
+
+    service = build_service(args.model, args.name, max_batch=args.max_batch, media_dir=args.media_dir)
+    print(f"serving {service.name!r} on http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        service.worker.stop()  # finish what is in flight, then cancel the rest
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="herd",
                                 description="Llama 4 in PyTorch: model, checkpoints, generation, training.")
@@ -193,6 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_chat)
+    sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming)")
+    sp.add_argument("--model", required=True, help="Hugging Face checkpoint directory with tokenizer.json")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--name", default=None, help="model id in the API (default: the directory name)")
+    sp.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    sp.add_argument("--media-dir", default=None, help="folder whose image files requests may name by path")
+    sp.add_argument("--log-level", default="warning")
+    sp.set_defaults(fn=cmd_serve)
     from herd.train.cli import add_train_parser
 
     add_train_parser(sub)

@@ -184,11 +184,11 @@ class Engine:
                 delta += q.checker.finish("length")  # the context is full
             if delta:
                 q.pieces.append(delta)
-            if q.on_delta is not None:  # every token, also one whose text is held back (""): logprobs stream too
-                q.on_delta(q, delta)
-            if q.checker.finished and not q.finished:
+            if q.checker.finished:
                 q.finish_reason = q.checker.finish_reason
             self.next_ids[r] = t
+            if q.on_delta is not None:  # every token, also one whose text is held back (""): logprobs stream too
+                q.on_delta(q, delta)
 
     # ---- the batch cache -------------------------------------------------------------------------------------------
     def _merge(self, new: KVCache, n: int) -> None:

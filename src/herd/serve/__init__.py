@@ -1,0 +1,27 @@
+"""The OpenAI-compatible server: `herd serve --model DIR` (herd.serve.app over herd.serve.worker over the engine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def build_service(model_dir: str, name: str | None = None, dtype=None, max_batch: int = 32,
+                  media_dir: str | None = None):
+    """Load a checkpoint with its tokenizer and generation defaults, start the engine thread; returns a Service."""
+    from herd.checkpoint import from_pretrained
+    from herd.infer.engine import Engine
+    from herd.serve.app import Service
+    from herd.serve.worker import EngineWorker
+    from herd.tokenizer import Tokenizer
+
+    root = Path(model_dir)
+    if not (root / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{root} has no tokenizer.json: the server needs the checkpoint's tokenizer")
+    model = from_pretrained(root, dtype=dtype).eval()
+    tok = Tokenizer.from_pretrained(root)
+    gen = root / "generation_config.json"
+    defaults = {k: v for k, v in json.loads(gen.read_text()).items() if k in ("temperature", "top_p", "top_k")} \
+        if gen.is_file() else {}
+    worker = EngineWorker(Engine(model, tok, max_batch=max_batch))
+    return Service(worker, tok, name or root.resolve().name, defaults, media_dir)

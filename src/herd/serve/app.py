@@ -1,0 +1,341 @@
+"""The OpenAI-compatible HTTP API over the engine (FastAPI): /v1/models, /v1/chat/completions, /v1/completions,
+/health, /metrics.
+
+Request and response shapes follow OpenAI's API (spec: serving-and-safety.md): SSE streaming ending in
+`data: [DONE]`, `stream_options.include_usage`, usage counts, finish_reason stop / length / tool_calls,
+`max_tokens` and `max_completion_tokens` as aliases, `n`, `seed`, `stop`, `logprobs` / `top_logprobs`, tools
+(parsed from the output by herd.tools), images as `image_url` parts (data: URLs; file paths only inside the
+operator's `media_dir`). Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with the matching
+status, and a bad request never takes the server down. A client that disconnects mid-stream cancels its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from herd.infer.sampling import SamplingParams
+from herd.tools import ToolCallStreamParser, finish_reason, parse_tool_calls
+
+MAX_N = 8
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class Metrics:
+    def __init__(self):
+        self.requests, self.errors, self.prompt_tokens, self.completion_tokens = 0, 0, 0, 0
+        self.latencies: list[float] = []
+
+    def text(self, worker) -> str:
+        lat = sorted(self.latencies[-1000:])
+        q = {p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else 0.0 for p in (0.5, 0.9, 0.99)}
+        lines = ["# TYPE herd_requests_total counter", f"herd_requests_total {self.requests}",
+                 "# TYPE herd_request_errors_total counter", f"herd_request_errors_total {self.errors}",
+                 "# TYPE herd_prompt_tokens_total counter", f"herd_prompt_tokens_total {self.prompt_tokens}",
+                 "# TYPE herd_completion_tokens_total counter",
+                 f"herd_completion_tokens_total {self.completion_tokens}",
+                 "# TYPE herd_queue_length gauge", f"herd_queue_length {worker.queue_length}",
+                 "# TYPE herd_running_requests gauge", f"herd_running_requests {worker.running}",
+                 "# TYPE herd_request_latency_seconds summary"]
+        lines += [f'herd_request_latency_seconds{{quantile="{p}"}} {v:.6f}' for p, v in q.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _number(body: dict, key: str, default, kind=float, lo=None, hi=None):
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and not isinstance(v, int)):
+        raise APIError(400, f"{key} must be a{'n integer' if kind is int else ' number'}, got {v!r}", key)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise APIError(400, f"{key} must be in [{lo}, {hi}], got {v}", key)
+    return v
+
+
+def sampling_params(body: dict, defaults: dict, context: int) -> tuple[SamplingParams, int, bool]:
+    """SamplingParams, n, and whether max_tokens was given, from an OpenAI request body (400 for a bad value).
+    Without max_tokens a request may generate up to the end of the context (check_length fits it)."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, int, 1, context)
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and
+                                                             all(isinstance(s, str) for s in stop))):
+        raise APIError(400, "stop must be a string or a list of strings", "stop")
+    logprobs = body.get("logprobs") or False
+    top = _number(body, "top_logprobs", 0, int, 0, 20)
+    try:
+        params = SamplingParams(
+            temperature=_number(body, "temperature", defaults.get("temperature", 1.0), float, 0, 2),
+            top_p=_number(body, "top_p", defaults.get("top_p", 1.0), float, 0, 1),
+            top_k=body.get("top_k", defaults.get("top_k")),
+            presence_penalty=_number(body, "presence_penalty", 0.0, float, -2, 2),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, float, -2, 2),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0.01, 10),
+            seed=_number(body, "seed", None, int), max_new_tokens=max_tokens or context,
+            stop=stop, logprobs=bool(logprobs) or top > 0, top_logprobs=top)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    return params, _number(body, "n", 1, int, 1, MAX_N), max_tokens is not None
+
+
+class Service:
+    """Everything a request needs: the model's name and limits, the tokenizer, the engine worker, the metrics."""
+
+    def __init__(self, worker, tokenizer, model_name: str, defaults: dict | None = None, media_dir: str | None = None,
+                 max_images: int = 8, max_image_bytes: int = 20 * 2**20):
+        self.worker, self.tok, self.name = worker, tokenizer, model_name
+        model = worker.engine.model
+        self.cfg = getattr(model.config, "text_config", model.config)
+        self.vision = getattr(model.config, "vision_config", None)
+        self.defaults, self.metrics = defaults or {}, Metrics()
+        self.media_dir = Path(media_dir).resolve() if media_dir else None
+        self.max_images, self.max_image_bytes = max_images, max_image_bytes
+        self.created = int(time.time())
+
+    # ---- request -> (prompt ids, images, params) ------------------------------------------------------------------
+    def _check_model(self, body: dict) -> None:
+        if body.get("model") not in (self.name, None):
+            raise APIError(404, f"the model {body.get('model')!r} does not exist; this server has {self.name!r}",
+                           "model", "model_not_found")
+
+    def _images(self, messages: list) -> None:
+        from herd.chat import collect_images
+
+        sources = collect_images(messages)
+        if not sources:
+            return
+        if self.vision is None:
+            raise APIError(400, "this model is text-only: it cannot take image_url parts", "messages")
+        if len(sources) > self.max_images:
+            raise APIError(400, f"too many images: {len(sources)} (at most {self.max_images})", "messages")
+        for s in sources:
+            if not isinstance(s, str):
+                raise APIError(400, "an image_url must be a string", "messages")
+            if s.startswith("data:"):
+                if len(s) * 3 // 4 > self.max_image_bytes:
+                    raise APIError(413, f"an image is larger than {self.max_image_bytes} bytes", "messages")
+                continue
+            if s.startswith(("http://", "https://")):
+                raise APIError(400, "remote image URLs are not fetched: send the image as a data: URL", "messages")
+            path = Path(s).resolve()
+            if self.media_dir is None or self.media_dir not in path.parents:
+                raise APIError(400, "local image paths are not allowed (the server has no --media-dir for them)",
+                               "messages")
+
+    def chat_prompt(self, body: dict):
+        from herd.chat import prepare_chat
+        from herd.image import ImageError
+
+        messages, tools = body.get("messages"), body.get("tools")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m
+                                                                      for m in messages):
+            raise APIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+        if body.get("tool_choice") not in (None, "none") and not tools:
+            raise APIError(400, "tool_choice needs tools", "tool_choice")
+        if tools is not None and not isinstance(tools, list):
+            raise APIError(400, "tools must be a list", "tools")
+        use_tools = tools if tools and body.get("tool_choice") != "none" else None
+        self._images(messages)
+        v = self.vision
+        kw = dict(tile_size=v.image_size, max_tiles=v.max_tiles, tokens_per_tile=v.tokens_per_tile) if v else {}
+        try:
+            ids, batch = prepare_chat(messages, self.tok, tools=use_tools, **kw)
+        except ImageError as e:
+            raise APIError(400, f"could not decode an image: {e}", "messages") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise APIError(400, f"bad messages: {e}", "messages") from None
+        return ids, batch.pixel_values if batch is not None else None, use_tools
+
+    def completion_prompt(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return prompt
+        if not isinstance(prompt, str):
+            raise APIError(400, "prompt must be a string or a list of token ids", "prompt")
+        return [self.tok.bos_id] + self.tok.encode(prompt)
+
+    def check_length(self, ids: list[int], params: SamplingParams, explicit: bool) -> SamplingParams:
+        import dataclasses
+
+        room = self.cfg.max_position_embeddings - len(ids)
+        if room <= 0 or (explicit and params.max_new_tokens > room):
+            raise APIError(400, f"the prompt is {len(ids)} tokens" + (f" and max_tokens {params.max_new_tokens}"
+                                                                        if explicit else "")
+                           + f": more than the model's context of {self.cfg.max_position_embeddings}",
+                           "messages", "context_length_exceeded")
+        return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
+
+
+def _logprobs(tok, req, start: int, end: int) -> dict:
+    items = []
+    for lp in req.logprobs[start:end]:
+        items.append({"token": tok.decode([lp["token"]]), "logprob": lp["logprob"], "bytes": None,
+                      "top_logprobs": [{"token": tok.decode([t]), "logprob": v, "bytes": None} for t, v in lp["top"]]})
+    return {"content": items}
+
+
+async def _collect(req, queue, is_disconnected=None):
+    """Wait for a request to finish (cancelling it if the client leaves)."""
+    while not req.finished:
+        try:
+            await asyncio.wait_for(queue.get(), timeout=0.25)
+        except TimeoutError:
+            if is_disconnected is not None and await is_disconnected():
+                return False
+    return True
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="herd", docs_url=None, redoc_url=None)
+    svc = service
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        svc.metrics.errors += 1
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        return body
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(svc.metrics.text(svc.worker))
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
+                                            "owned_by": "herd", "max_model_len": svc.cfg.max_position_embeddings}]}
+
+    async def run(request: Request, body: dict, chat: bool):
+        svc._check_model(body)
+        params, n, explicit = sampling_params(body, svc.defaults, svc.cfg.max_position_embeddings)
+        if chat:
+            ids, pixels, tools = svc.chat_prompt(body)
+        else:
+            ids, pixels, tools = svc.completion_prompt(body), None, None
+        params = svc.check_length(ids, params, explicit)
+        svc.metrics.requests += 1
+        t0 = time.perf_counter()
+        subs = [svc.worker.submit(ids, params, pixels) for _ in range(n)]
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": svc.name}
+        if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_stream(request, subs, head, chat, tools, usage, len(ids), t0),
+                                     media_type="text/event-stream")
+        for req, queue in subs:
+            if not await _collect(req, queue, request.is_disconnected):
+                for r, _ in subs:
+                    svc.worker.cancel(r)
+                return JSONResponse({}, status_code=499)
+        choices = []
+        for i, (req, _) in enumerate(subs):
+            lp = _logprobs(svc.tok, req, 0, len(req.logprobs)) if params.logprobs else None
+            if chat:
+                parsed = parse_tool_calls(req.text, tools) if tools else None
+                msg = {"role": "assistant", "content": parsed.content if parsed else req.text}
+                if parsed and parsed.tool_calls:
+                    msg["tool_calls"] = parsed.tool_calls
+                reason = finish_reason(parsed, req.finish_reason) if parsed else req.finish_reason
+                choices.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": req.text, "logprobs": lp, "finish_reason": req.finish_reason})
+        done = sum(len(r.output_ids) for r, _ in subs)
+        svc.metrics.prompt_tokens += len(ids)
+        svc.metrics.completion_tokens += done
+        svc.metrics.latencies.append(time.perf_counter() - t0)
+        return {**head, "choices": choices,
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done}}
+
+    async def _stream(request, subs, head, chat, tools, include_usage, n_prompt, t0):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices, **extra) -> str:
+            return f"data: {json.dumps({**head, 'object': kind, 'choices': choices, **extra})}\n\n"
+
+        parsers = [ToolCallStreamParser(tools) if tools else None for _ in subs]
+        sent = [0] * len(subs)
+        if chat:
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                         for i in range(len(subs))])
+        try:
+            live = set(range(len(subs)))
+            while live:
+                for i in sorted(live):
+                    req, queue = subs[i]
+                    try:
+                        delta, finished = await asyncio.wait_for(queue.get(), timeout=0.05)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            raise asyncio.CancelledError from None
+                        finished, delta = req.finished, ""
+                        if not finished:
+                            continue
+                    lp = _logprobs(svc.tok, req, sent[i], len(req.logprobs)) if req.params.logprobs else None
+                    sent[i] = len(req.logprobs)
+                    calls = []
+                    if parsers[i] is not None:
+                        out = parsers[i].feed(delta)
+                        delta = out.content
+                        if finished:
+                            end = parsers[i].finish()
+                            delta, calls = delta + end.content, end.tool_calls
+                    if delta or lp or calls:
+                        d = {"content": delta} if chat else None
+                        if calls:
+                            d["tool_calls"] = calls
+                        choice = {"index": i, "delta": d} if chat else {"index": i, "text": delta}
+                        yield event([{**choice, "logprobs": lp, "finish_reason": None}])
+                    if finished and req.finished:
+                        reason = "tool_calls" if calls else req.finish_reason
+                        empty = {"index": i, "delta": {}} if chat else {"index": i, "text": ""}
+                        yield event([{**empty, "logprobs": None, "finish_reason": reason}])
+                        live.discard(i)
+        except (asyncio.CancelledError, GeneratorExit):
+            for req, _ in subs:
+                svc.worker.cancel(req)  # the client left: free the rows now
+            raise
+        done = sum(len(r.output_ids) for r, _ in subs)
+        svc.metrics.prompt_tokens += n_prompt
+        svc.metrics.completion_tokens += done
+        svc.metrics.latencies.append(time.perf_counter() - t0)
+        if include_usage:
+            yield event([], usage={"prompt_tokens": n_prompt, "completion_tokens": done,
+                                   "total_tokens": n_prompt + done})
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, await body_of(request), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, await body_of(request), chat=False)
+
+    return app

@@ -1,0 +1,166 @@
+"""`herd serve` as users run it: a real uvicorn process on 127.0.0.1, the official `openai` client, raw HTTP for the
+bad requests. The model is the tiny multimodal preset (random weights) with the shipped tokenizer.
+
+Run: .venv/bin/python -m pytest tests/serve/test_server.py -v
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+IMAGE = Path(__file__).parents[1] / "data" / "images" / "square_h224_w224.png"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("tinymm")
+    subprocess.run([sys.executable, "-m", "herd.cli", "init", "--preset", "tiny", "--multimodal", "--out", str(ckpt)],
+                   check=True, capture_output=True)
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--model", str(ckpt), "--port", str(port),
+                             "--name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stdout.read()) from None
+            time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _post(base: str, path: str, body: bytes | dict) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_and_chat(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}],
+                                         max_tokens=12, temperature=0)
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens <= 12 and out.usage.prompt_tokens > 3
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_streaming_equals_non_streaming_with_usage(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=20, temperature=0)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+
+
+def test_completions_seed_stop_n_and_logprobs(client):
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=7)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text  # the same seed, the same tokens
+    many = client.completions.create(**{**kw, "seed": None}, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    greedy = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0)
+    text = greedy.choices[0].text
+    if len(text) > 6:
+        cut = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0,
+                                        stop=[text[3:6]])
+        assert cut.choices[0].text == text[:text.index(text[3:6])] and cut.choices[0].finish_reason == "stop"
+    lp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                        temperature=0, logprobs=True, top_logprobs=2)
+    items = lp.choices[0].logprobs.content
+    assert len(items) >= 1 and len(items[0].top_logprobs) == 2 and items[0].logprob <= 0
+
+
+def test_an_image_message(client):
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
+    out = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "text", "text": "What is this?"}]}])
+    assert out.usage.prompt_tokens > 20  # the image's tokens are in the prompt
+
+
+@pytest.mark.parametrize("path, body, status, fragment", [
+    ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "gpt-9"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 5},
+     400, "temperature"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 99999},
+     400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "word " * 5000, "max_tokens": 10}, 400, "context"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "decode an image"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 400, "local image paths"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 50}, 400, "n"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client, path, body, status, fragment):
+    code, err = _post(server, path, body)
+    assert code == status and fragment in err["error"]["message"] + str(err["error"]["param"])
+    assert set(err["error"]) == {"message", "type", "param", "code"}
+    ok = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=2)
+    assert ok.choices[0].message is not None
+
+
+def test_metrics(server, client):
+    client.completions.create(model="tiny", prompt="x", max_tokens=2)
+    text = urllib.request.urlopen(f"{server}/metrics").read().decode()
+    assert "herd_requests_total" in text and "herd_completion_tokens_total" in text and "quantile=" in text
+
+
+def test_eight_concurrent_streams_equal_their_requests_alone(client):
+    """Batching must not change results: each concurrent greedy stream equals the same request sent alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"Question {i}: " + "why " * i for i in range(8)]
+    kw = dict(model="tiny", max_tokens=24, temperature=0)
+
+    def alone(p):
+        out = client.chat.completions.create(messages=[{"role": "user", "content": p}], **kw)
+        return out.choices[0].message.content
+
+    def streamed(p):
+        chunks = client.chat.completions.create(messages=[{"role": "user", "content": p}], stream=True, **kw)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    expected = [alone(p) for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(streamed, prompts))
+    assert got == expected
