@@ -7,6 +7,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.herd-installed
+BROWSER := $(VENV)/.chromium-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: test demo lint bench install clean
 
@@ -19,9 +21,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install $(TORCH_SPEC) -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# the web page test drives Debian's chromium with Playwright (`playwright install` cannot download browsers here)
+$(BROWSER): | $(BIN)/python
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+	touch $(BROWSER)
 
-test: $(STAMP)
+install: $(STAMP) $(BROWSER)
+
+test: $(STAMP) $(BROWSER)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from herd.infer.sampling import SamplingParams
 from herd.tools import ToolCallStreamParser, finish_reason, parse_tool_calls
@@ -217,6 +217,12 @@ def create_app(service: Service) -> FastAPI:
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         return body
+
+    page = (Path(__file__).parent / "static" / "index.html").read_text()
+
+    @app.get("/")
+    async def index():
+        return HTMLResponse(page)  # the web chat (static HTML + JS over this API)
 
     @app.get("/health")
     async def health():
