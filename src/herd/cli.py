@@ -152,12 +152,16 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import os
+
     import uvicorn
 
     from herd.serve import build_service
     from herd.serve.app import create_app
 
-    service = build_service(args.model, args.name, max_batch=args.max_batch, media_dir=args.media_dir)
+    service = build_service(args.model, args.name, max_batch=args.max_batch, media_dir=args.media_dir,
+                            api_key=args.api_key or os.environ.get("HERD_API_KEY"),
+                            max_request_bytes=args.max_request_mb * 2**20, max_concurrent=args.max_concurrent)
     print(f"serving {service.name!r} on http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
     try:
         uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
@@ -216,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--name", default=None, help="model id in the API (default: the directory name)")
     sp.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     sp.add_argument("--media-dir", default=None, help="folder whose image files requests may name by path")
+    sp.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set HERD_API_KEY)")
+    sp.add_argument("--max-request-mb", type=int, default=64, help="larger request bodies get 413")
+    sp.add_argument("--max-concurrent", type=int, default=64, help="more generations in flight get 429")
     sp.add_argument("--log-level", default="warning")
     sp.set_defaults(fn=cmd_serve)
     from herd.train.cli import add_train_parser

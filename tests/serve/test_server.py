@@ -164,3 +164,50 @@ def test_eight_concurrent_streams_equal_their_requests_alone(client):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(streamed, prompts))
     assert got == expected
+
+
+def test_api_key_request_size_and_concurrency_limits(tmp_path_factory):
+    """A second server with a key, a 1 MB body limit and one generation at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import AuthenticationError, OpenAI, RateLimitError
+
+    ckpt = tmp_path_factory.mktemp("tiny-key")
+    subprocess.run([sys.executable, "-m", "herd.cli", "init", "--preset", "tiny", "--out", str(ckpt)], check=True,
+                   capture_output=True)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--model", str(ckpt), "--port", str(port),
+                             "--name", "tiny", "--api-key", "s3cret", "--max-request-mb", "1", "--max-concurrent",
+                             "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        good = OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+        assert [m.id for m in good.models.list().data] == ["tiny"]
+        req = urllib.request.Request(base + "/v1/completions", data=json.dumps({"prompt": "x" * 2**21}).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": "Bearer s3cret"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 413 and "larger than" in json.loads(e.value.read())["error"]["message"]
+        kw = dict(model="tiny", prompt="hello", max_tokens=200, temperature=1.0)
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(good.completions.create, **kw) for _ in range(4)]
+            outcomes = []
+            for f in futures:
+                try:
+                    outcomes.append(f.result().choices[0].finish_reason)
+                except RateLimitError:
+                    outcomes.append(429)
+        assert 429 in outcomes and any(o != 429 for o in outcomes)  # one at a time: the others were told to retry
+        assert good.completions.create(model="tiny", prompt="again", max_tokens=2).choices  # still up
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

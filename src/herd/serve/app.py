@@ -97,7 +97,8 @@ class Service:
     """Everything a request needs: the model's name and limits, the tokenizer, the engine worker, the metrics."""
 
     def __init__(self, worker, tokenizer, model_name: str, defaults: dict | None = None, media_dir: str | None = None,
-                 max_images: int = 8, max_image_bytes: int = 20 * 2**20):
+                 max_images: int = 8, max_image_bytes: int = 20 * 2**20, api_key: str | None = None,
+                 max_request_bytes: int = 64 * 2**20, max_concurrent: int = 64):
         self.worker, self.tok, self.name = worker, tokenizer, model_name
         model = worker.engine.model
         self.cfg = getattr(model.config, "text_config", model.config)
@@ -106,6 +107,7 @@ class Service:
         self.media_dir = Path(media_dir).resolve() if media_dir else None
         self.max_images, self.max_image_bytes = max_images, max_image_bytes
         self.created = int(time.time())
+        self.api_key, self.max_request_bytes, self.max_concurrent = api_key, max_request_bytes, max_concurrent
 
     # ---- request -> (prompt ids, images, params) ------------------------------------------------------------------
     def _check_model(self, body: dict) -> None:
@@ -210,8 +212,15 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(e.body(), status_code=e.status)
 
     async def body_of(request: Request) -> dict:
+        if svc.api_key is not None and request.headers.get("authorization") != f"Bearer {svc.api_key}":
+            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
+                           kind="authentication_error")
+        size = int(request.headers.get("content-length") or 0)
+        raw = await request.body() if size <= svc.max_request_bytes else b""
+        if max(size, len(raw)) > svc.max_request_bytes:
+            raise APIError(413, f"the request is larger than {svc.max_request_bytes} bytes")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
@@ -233,7 +242,10 @@ def create_app(service: Service) -> FastAPI:
         return PlainTextResponse(svc.metrics.text(svc.worker))
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        if svc.api_key is not None and request.headers.get("authorization") != f"Bearer {svc.api_key}":
+            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
+                           kind="authentication_error")
         return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
                                             "owned_by": "herd", "max_model_len": svc.cfg.max_position_embeddings}]}
 
@@ -245,6 +257,10 @@ def create_app(service: Service) -> FastAPI:
         else:
             ids, pixels, tools = svc.completion_prompt(body), None, None
         params = svc.check_length(ids, params, explicit)
+        in_flight = svc.worker.queue_length + svc.worker.running  # unfinished generations in the engine
+        if in_flight + n > svc.max_concurrent:
+            raise APIError(429, f"the server is busy: {in_flight} generations in flight (at most "
+                                f"{svc.max_concurrent}); retry later", kind="rate_limit_error")
         svc.metrics.requests += 1
         t0 = time.perf_counter()
         subs = [svc.worker.submit(ids, params, pixels) for _ in range(n)]
