@@ -34,8 +34,9 @@ def server(tmp_path_factory):
                    check=True, capture_output=True)
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(ckpt / "server.log", "w")  # a file, not a pipe nobody reads: a full pipe would block the server
     proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                             "--name", "tiny"], stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -43,11 +44,12 @@ def server(tmp_path_factory):
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read()) from None
+                raise RuntimeError((ckpt / "server.log").read_text()) from None
             time.sleep(0.1)
     yield base
     proc.terminate()
-    proc.wait(timeout=30)
+    proc.wait(timeout=60)
+    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +180,7 @@ def test_api_key_request_size_and_concurrency_limits(tmp_path_factory):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--model", str(ckpt), "--port", str(port),
                              "--name", "tiny", "--api-key", "s3cret", "--max-request-mb", "1", "--max-concurrent",
-                             "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
