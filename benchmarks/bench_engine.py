@@ -1,0 +1,112 @@
+"""Decode throughput and time to first token: herd's engine vs transformers' `generate`, same weights, one run.
+
+For batch sizes 1, 8 and 32 (`--batches`): B prompts of `--prompt-len` random tokens, greedy, `--new-tokens` new
+tokens each (EOS ignored on both sides, so both run every step).
+- time to first token: the time to produce the first token of all B requests (herd: submit B requests and step
+  until each has one token; transformers: `generate(max_new_tokens=1)`), best of `--repeats`;
+- decode tokens/s: B x (new tokens - 1) / (time for the whole generation - time to first token), best of repeats.
+Both sides load the same safetensors checkpoint in this process, float32, `--threads` torch threads. The greedy
+tokens are compared (they should be equal).
+
+Run:  .venv/bin/python benchmarks/bench_engine.py            (a few minutes on 2 cores)
+      .venv/bin/python benchmarks/bench_engine.py --quick
+Writes a markdown table and JSON to benchmarks/results/bench_engine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import herd
+from herd.infer.engine import Engine
+from herd.infer.sampling import SamplingParams
+from herd.tokenizer import tiny_tokenizer
+
+
+def herd_run(model, tok, prompts, n) -> tuple[float, float, list]:
+    engine = Engine(model, tok, max_batch=len(prompts))
+    t0 = time.perf_counter()
+    reqs = [engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=n)) for p in prompts]
+    while not all(r.output_ids for r in reqs):
+        engine.step()
+    ttft = time.perf_counter() - t0
+    engine.run()
+    return ttft, time.perf_counter() - t0, [r.output_ids for r in reqs]
+
+
+def hf_run(model, prompts, n) -> tuple[float, float, list]:
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+    return ttft, time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/bench_engine.json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    size = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                intermediate_size=512, intermediate_size_mlp=1024, num_local_experts=8, vocab_size=2048,
+                attention_chunk_size=128)
+    if a.quick:
+        a.batches, a.new_tokens, a.repeats, size = "1,4", 8, 1, {}
+    cfg = herd.preset("tiny", **size)
+    import transformers
+    from transformers import Llama4ForCausalLM
+
+    transformers.utils.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        herd.build_model(cfg, seed=0).save_pretrained(tmp)
+        ours = herd.from_pretrained(tmp).eval()
+        theirs = Llama4ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    tok, rows, results = tiny_tokenizer(), [], {}
+    g = torch.Generator().manual_seed(0)
+    for B in [int(b) for b in a.batches.split(",")]:
+        prompts = torch.randint(3, 900, (B, a.prompt_len), generator=g).tolist()
+        best = {}
+        for side in ("herd", "transformers"):
+            runs = [herd_run(ours, tok, prompts, a.new_tokens) if side == "herd" else
+                    hf_run(theirs, prompts, a.new_tokens) for _ in range(a.repeats)]
+            ttft = min(r[0] for r in runs)
+            decode = max(B * (a.new_tokens - 1) / max(r[1] - r[0], 1e-9) for r in runs)
+            best[side] = {"ttft_s": ttft, "decode_tok_s": decode, "tokens": runs[-1][2]}
+            print(f"[{time.strftime('%H:%M:%S')}] B={B} {side}: TTFT {ttft:.3f}s, decode {decode:,.0f} tok/s",
+                  file=sys.stderr, flush=True)
+        h, t = best["herd"], best["transformers"]
+        same = h["tokens"] == t["tokens"]
+        results[B] = {k: {x: y for x, y in v.items() if x != "tokens"} for k, v in best.items()} | {"same": same}
+        rows.append(f"| {B} | {h['ttft_s']:.3f} | {t['ttft_s']:.3f} | {h['decode_tok_s']:,.0f} | "
+                    f"{t['decode_tok_s']:,.0f} | {h['decode_tok_s'] / t['decode_tok_s']:.2f}x | {same} |")
+    print("| batch | TTFT herd (s) | TTFT transformers (s) | decode herd tok/s | decode transformers tok/s | "
+          "herd / transformers | same tokens |\n|---:|---:|---:|---:|---:|---:|---|")
+    print("\n".join(rows))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": a.threads,
+                               "torch": torch.__version__, "transformers": transformers.__version__,
+                               "config": size or "tiny", "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+                               "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
