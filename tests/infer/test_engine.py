@@ -161,3 +161,13 @@ def test_an_image_request_in_a_batch_equals_generate_alone(tok):
     assert image_req.output_ids == expected and len(text_req.output_ids) == 30
     with pytest.raises(ValueError, match="text-only model"):
         Engine(herd.build_model(cfg.text_config, seed=0), tok).submit(ids, pixel_values=images.pixel_values)
+
+
+def test_a_padded_vocabulary_never_yields_ids_the_tokenizer_lacks(tok):
+    cfg = herd.preset("tiny", vocab_size=4096)  # the tokenizer has 2048 ids
+    model = herd.build_model(cfg, seed=12)
+    with torch.no_grad():
+        model.lm_head.weight[2048:] *= 50  # make the padding ids the most likely ones
+    reqs = Engine(model, tok).generate(_prompts(cfg, [10, 20], seed=12), SamplingParams(max_new_tokens=20, **GREEDY))
+    assert all(0 <= t < tok.vocab_size for r in reqs for t in r.output_ids) and all(len(r.output_ids) == 20
+                                                                                   for r in reqs)

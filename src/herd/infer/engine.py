@@ -157,6 +157,9 @@ class Engine:
     def _sample(self, logits: torch.Tensor, rows: list[int]) -> None:
         """Pick the next token of `rows` (logits (len(rows), V)), stream their text, retire finished rows."""
         reqs = [self.running[r] for r in rows]
+        if logits.shape[-1] > self.tok.vocab_size:  # a padded vocabulary: ids the tokenizer lacks are never chosen
+            logits = logits.clone()
+            logits[:, self.tok.vocab_size:] = float("-inf")
         self._sampling = True
         try:
             self._deliver(rows, reqs, logits)
