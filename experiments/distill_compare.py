@@ -44,6 +44,7 @@ import torch
 import herd
 from herd.sizes import count_params
 from herd.train.config import train_preset
+from herd.train.plots import read_metrics
 from herd.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ TEACHER = {"hidden_size": 128, "intermediate_size": 192, "intermediate_size_mlp"
 
 def read_evals(out_dir: Path) -> list[dict]:
     """One row per evaluation: step, val loss, val bits per byte (and alpha, KL of the step's train line, if any)."""
-    recs = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    recs = read_metrics(out_dir)
     train_recs = {r["step"]: r for r in recs if r["kind"] == "train"}
     rows = []
     for r in recs:

@@ -47,6 +47,7 @@ import torch
 import herd
 from herd.sizes import count_params
 from herd.train.config import train_preset
+from herd.train.plots import read_metrics
 from herd.train.trainer import flops_per_token, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def dense_config(width: int):
 def read_curve(out_dir: Path, fpt: float) -> tuple[list[dict], list[float]]:
     """One row per evaluation (step, tokens, FLOPs, training seconds so far, val loss, val bits per byte), and the
     mean ms per step of every logged window (their median is robust to a moment of contention on the machine)."""
-    recs = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    recs = read_metrics(out_dir)
     train_recs = [r for r in recs if r["kind"] == "train"]
     tokens = {0: 0, **{r["step"]: r["tokens"] for r in train_recs}}
     clock, window_ms, prev, t = {0: 0.0}, [], 0, 0.0

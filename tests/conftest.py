@@ -11,6 +11,16 @@ from herd.checkpoint import config_to_hf
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when the machine is busy (no thread handoffs).
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def hf_config(cfg: herd.TextConfig):
     """transformers' Llama4TextConfig for a herd TextConfig, built from the same config.json dict herd writes."""
     from transformers import Llama4TextConfig

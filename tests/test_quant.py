@@ -37,12 +37,7 @@ FORMATS = [(8, None), ("fp8", None), (4, 32), (4, None)]  # (bits, group_size); 
 IDS = ["int8", "fp8", "int4-g32", "int4-channel"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weight(shape, seed=0) -> torch.Tensor:

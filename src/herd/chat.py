@@ -224,6 +224,12 @@ def format_chat(messages: Sequence[dict], tokenizer: Tokenizer, add_generation_p
     return out.ids
 
 
+def tiling(vision_config) -> dict:
+    """prepare_chat's image-layout arguments for a model's vision config ({} for a text-only model)."""
+    v = vision_config
+    return {} if v is None else dict(tile_size=v.image_size, max_tiles=v.max_tiles, tokens_per_tile=v.tokens_per_tile)
+
+
 def prepare_chat(messages: Sequence[dict], tokenizer: Tokenizer, add_generation_prompt: bool = True,
                  tools: Sequence[dict] | None = None, tile_size: int = 336, max_tiles: int = 16,
                  tokens_per_tile: int = 144, style: str = "meta"):

@@ -86,14 +86,14 @@ def _prompt(args, model, tok):
         if args.image:
             raise ValueError("--raw takes text only: images need the chat format")
         return torch.tensor([[tok.bos_id] + tok.encode(args.prompt)]), None
-    from herd.chat import prepare_chat
+    from herd.chat import prepare_chat, tiling
 
     content = [{"type": "text", "text": args.prompt}] + [{"type": "image_url", "image_url": {"url": p}}
                                                           for p in args.image]
     v = getattr(model.config, "vision_config", None)
     if args.image and v is None:
         raise ValueError("this is a text-only model: it cannot take --image")
-    kw = dict(tile_size=v.image_size, max_tiles=v.max_tiles, tokens_per_tile=v.tokens_per_tile) if v else {}
+    kw = tiling(v)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": content}]
     ids, batch = prepare_chat(messages, tok, **kw)

@@ -96,7 +96,7 @@ def _text(parts: list[dict]) -> str:
 
 def reply(model, tok, session: Session, text: str, out=sys.stdout) -> str:
     """Send one user message (with any pending images), stream the answer to `out`, keep both in the session."""
-    from herd.chat import prepare_chat
+    from herd.chat import prepare_chat, tiling
     from herd.infer.generate import generate
 
     content = [{"type": "image_url", "image_url": {"url": p}} for p in session.pending_images]
@@ -104,7 +104,7 @@ def reply(model, tok, session: Session, text: str, out=sys.stdout) -> str:
     v = getattr(model.config, "vision_config", None)
     if content and v is None:
         raise ValueError("this is a text-only model: it cannot take images (/reset to drop them)")
-    kw = dict(tile_size=v.image_size, max_tiles=v.max_tiles, tokens_per_tile=v.tokens_per_tile) if v else {}
+    kw = tiling(v)
     ids, batch = prepare_chat(session.conversation() + [user], tok, **kw)  # raises on a bad image: nothing kept
     s = session.settings
     limit = getattr(model.config, "text_config", model.config).max_position_embeddings

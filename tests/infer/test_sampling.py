@@ -33,12 +33,7 @@ from herd.infer.sampling import (
 V = 257
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(B: int, seed: int = 0, vocab: int = V) -> torch.Tensor:

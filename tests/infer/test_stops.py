@@ -7,7 +7,6 @@ streaming, multi-byte characters split over tokens, finish reasons; streamed pie
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,12 +18,7 @@ TOK = tiny_tokenizer()
 EOT = TOK.special("eot")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(ids: list[int], **kw) -> tuple[list[str], StopChecker]:

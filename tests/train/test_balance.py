@@ -8,14 +8,7 @@ import torch
 import herd
 from herd.train.balance import expert_loads, routers, switch_aux_loss, update_biases
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when the machine is busy (no thread handoffs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def skewed_model(seed: int = 0, push: float = 4.0):

@@ -28,13 +28,7 @@ from herd.train.fp8 import apply_fp8, fp8_modules  # noqa: E402
 TOL = 0.02
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when the machine is busy (no thread handoffs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(steps: int, seed: int, V: int = 256, B: int = 8, T: int = 64) -> list[torch.Tensor]:

@@ -24,12 +24,7 @@ from tests.train import small_data
 VCFG = herd.multimodal_preset("tiny").vision_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(out, **kw):

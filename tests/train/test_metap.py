@@ -10,14 +10,7 @@ import torch
 import herd
 from herd.train.metap import coord_check, init_, param_groups, role, scale_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when the machine is busy (no thread handoffs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_scale_config_widens_heads_and_ffn_at_fixed_head_dim():

@@ -23,14 +23,7 @@ from herd.train.schedule import lr_factor
 from herd.train.trainer import Run, flops_per_token
 from tests.train import small_data
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain little from a second thread, and on a busy machine two threads wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

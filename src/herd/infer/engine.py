@@ -52,7 +52,6 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     checker: StopChecker | None = None
     generator: torch.Generator | None = None
-    pieces: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -60,7 +59,8 @@ class Request:
 
     @property
     def text(self) -> str:
-        return "".join(self.pieces)
+        """The text streamed so far (the stop checker's: stop strings and held-back text excluded)."""
+        return self.checker.text
 
 
 def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -185,8 +185,6 @@ class Engine:
             delta = q.checker.add(t)
             if not q.checker.finished and self.lengths[r] + 1 >= self.cfg.max_position_embeddings:
                 delta += q.checker.finish("length")  # the context is full
-            if delta:
-                q.pieces.append(delta)
             if q.checker.finished:
                 q.finish_reason = q.checker.finish_reason
             self.next_ids[r] = t

@@ -15,6 +15,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -39,10 +40,10 @@ class APIError(Exception):
 class Metrics:
     def __init__(self):
         self.requests, self.errors, self.prompt_tokens, self.completion_tokens = 0, 0, 0, 0
-        self.latencies: list[float] = []
+        self.latencies: deque[float] = deque(maxlen=1000)  # the quantiles are over the latest 1000 requests
 
     def text(self, worker) -> str:
-        lat = sorted(self.latencies[-1000:])
+        lat = sorted(self.latencies)
         q = {p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else 0.0 for p in (0.5, 0.9, 0.99)}
         lines = ["# TYPE herd_requests_total counter", f"herd_requests_total {self.requests}",
                  "# TYPE herd_request_errors_total counter", f"herd_request_errors_total {self.errors}",
@@ -140,7 +141,7 @@ class Service:
                                "messages")
 
     def chat_prompt(self, body: dict):
-        from herd.chat import prepare_chat
+        from herd.chat import prepare_chat, tiling
         from herd.image import ImageError
 
         messages, tools = body.get("messages"), body.get("tools")
@@ -153,8 +154,7 @@ class Service:
             raise APIError(400, "tools must be a list", "tools")
         use_tools = tools if tools and body.get("tool_choice") != "none" else None
         self._images(messages)
-        v = self.vision
-        kw = dict(tile_size=v.image_size, max_tiles=v.max_tiles, tokens_per_tile=v.tokens_per_tile) if v else {}
+        kw = tiling(self.vision)
         try:
             ids, batch = prepare_chat(messages, self.tok, tools=use_tools, **kw)
         except ImageError as e:
@@ -211,10 +211,13 @@ def create_app(service: Service) -> FastAPI:
         svc.metrics.errors += 1
         return JSONResponse(e.body(), status_code=e.status)
 
-    async def body_of(request: Request) -> dict:
+    def authorize(request: Request) -> None:
         if svc.api_key is not None and request.headers.get("authorization") != f"Bearer {svc.api_key}":
             raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
                            kind="authentication_error")
+
+    async def body_of(request: Request) -> dict:
+        authorize(request)
         size = int(request.headers.get("content-length") or 0)
         raw = await request.body() if size <= svc.max_request_bytes else b""
         if max(size, len(raw)) > svc.max_request_bytes:
@@ -243,9 +246,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        if svc.api_key is not None and request.headers.get("authorization") != f"Bearer {svc.api_key}":
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
-                           kind="authentication_error")
+        authorize(request)
         return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
                                             "owned_by": "herd", "max_model_len": svc.cfg.max_position_embeddings}]}
 

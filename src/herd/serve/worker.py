@@ -33,7 +33,6 @@ class EngineWorker:
 
         with self.lock:
             req = self.engine.submit(prompt_ids, params, pixel_values, on_delta)
-        req.submitted_at = time.perf_counter()
         self.wake.set()
         return req, queue
 

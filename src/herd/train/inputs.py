@@ -101,9 +101,9 @@ def token_bytes_table(tok, vocab_size: int) -> torch.Tensor:
 def chat_example(messages: list[dict], tok, vcfg, max_len: int, where: str = "record") -> tuple[list, list, object]:
     """(ids, labels, ImageBatch) of one conversation: labels[t] = ids[t + 1] where that token belongs to an
     assistant turn (its text and its end-of-turn token), else IGNORE."""
-    from herd.chat import collect_images, format_chat, prepare_chat
+    from herd.chat import collect_images, format_chat, prepare_chat, tiling
 
-    kw = dict(tile_size=vcfg.image_size, max_tiles=vcfg.max_tiles, tokens_per_tile=vcfg.tokens_per_tile)
+    kw = tiling(vcfg)
     ids, batch = prepare_chat(messages, tok, add_generation_prompt=False, **kw)
     if len(ids) > max_len:
         raise DataError(f"{where}: the chat takes {len(ids)} tokens (image tokens included), more than "
@@ -129,7 +129,7 @@ class ImageRows:
         self.seed = cfg.seed + (VAL_OFFSET if split == "val" else 0)
         self.size, self.task = cfg.scene_size, cfg.scene_task
         self.rank, self.world, self.index = rank, world_size, 0
-        self.records = None
+        self.records, self._order = None, None  # JSONL records; (epoch, their order in that epoch)
         if cfg.image_data != "scenes":
             from herd.data.sources import image_text_records
 
@@ -143,9 +143,11 @@ class ImageRows:
             from herd.data.synthetic import scene_chat
 
             return scene_chat(self.seed, i, self.task, size=self.size, max_shapes=4)[1], f"scene {i}"
-        g = torch.Generator().manual_seed(self.seed + i // len(self.records))  # a fresh order every epoch
-        order = torch.randperm(len(self.records), generator=g)
-        rec = self.records[int(order[i % len(self.records)])]
+        epoch = i // len(self.records)
+        if self._order is None or self._order[0] != epoch:  # a fresh order every epoch, drawn once
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._order = (epoch, torch.randperm(len(self.records), generator=g).tolist())
+        rec = self.records[self._order[1][i % len(self.records)]]
         return rec["messages"], rec["image"]
 
     def __iter__(self) -> ImageRows:

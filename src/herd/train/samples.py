@@ -38,7 +38,7 @@ def text_samples(model, tok, prompts=PROMPTS, max_new_tokens: int = 40) -> list[
 @torch.no_grad()
 def scene_samples(model, tok, vcfg, seed: int, n: int = 3, size: int = 56, max_new_tokens: int = 24) -> list[dict]:
     """[{"question", "answer", "expected", "image"}] for n held-out scenes (the run's validation seeds)."""
-    from herd.chat import prepare_chat
+    from herd.chat import prepare_chat, tiling
     from herd.data.synthetic import scene_chat
     from herd.infer.generate import generate
     from herd.train.inputs import VAL_OFFSET
@@ -46,8 +46,7 @@ def scene_samples(model, tok, vcfg, seed: int, n: int = 3, size: int = 56, max_n
     out = []
     for i in range(n):
         image, messages = scene_chat(seed + VAL_OFFSET, 10_000 + i, "qa", size=size, max_shapes=4)
-        ids, batch = prepare_chat(messages[:1], tok, tile_size=vcfg.image_size, max_tiles=vcfg.max_tiles,
-                                  tokens_per_tile=vcfg.tokens_per_tile)
+        ids, batch = prepare_chat(messages[:1], tok, **tiling(vcfg))
         ids = torch.tensor([ids], device=_device(model))
         new = generate(model, ids, max_new_tokens, eos_token_id=tok.stop_ids,
                        pixel_values=batch.pixel_values.to(ids.device))
@@ -60,12 +59,12 @@ def scene_samples(model, tok, vcfg, seed: int, n: int = 3, size: int = 56, max_n
 @torch.no_grad()
 def scene_accuracy(model, tok, vcfg, seed: int, n: int = 100, size: int = 56) -> dict:
     """Exact-match accuracy on n held-out scene questions with the right image and with another scene's image."""
-    from herd.chat import prepare_chat
+    from herd.chat import prepare_chat, tiling
     from herd.data.synthetic import scene_chat
     from herd.infer.generate import generate
     from herd.train.inputs import VAL_OFFSET
 
-    kw = dict(tile_size=vcfg.image_size, max_tiles=vcfg.max_tiles, tokens_per_tile=vcfg.tokens_per_tile)
+    kw = tiling(vcfg)
     scenes = [scene_chat(seed + VAL_OFFSET, 20_000 + i, "qa", size=size, max_shapes=4) for i in range(n + 1)]
     right = {"image": 0, "other_image": 0}
     for i in range(n):
