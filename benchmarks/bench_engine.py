@@ -8,6 +8,11 @@ tokens each (EOS ignored on both sides, so both run every step).
 Both sides load the same safetensors checkpoint in this process, float32, `--threads` torch threads. The greedy
 tokens are compared (they should be equal).
 
+Where herd's decode step goes: a few extra decode steps run under torch.profiler, and the self time of the matrix
+multiplies (aten::mm / addmm / bmm: everything that reads weights) is reported as a share of the step. The step
+time minus nothing else is the bound on what cutting overhead could give with the same BLAS kernels: "ceiling
+tok/s" = B / (matmul ms per step), and "ceiling / transformers" says how far even a zero-overhead herd could get.
+
 Run:  .venv/bin/python benchmarks/bench_engine.py            (a few minutes on 2 cores)
       .venv/bin/python benchmarks/bench_engine.py --quick
 Writes a markdown table and JSON to benchmarks/results/bench_engine.json.
@@ -40,6 +45,28 @@ def herd_run(model, tok, prompts, n) -> tuple[float, float, list]:
     ttft = time.perf_counter() - t0
     engine.run()
     return ttft, time.perf_counter() - t0, [r.output_ids for r in reqs]
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_share(model, tok, prompts, steps: int = 8) -> tuple[float, float]:
+    """(ms per decode step without the profiler, ms of matrix multiplies per step under it) at batch len(prompts)."""
+    from torch.profiler import profile
+
+    engine = Engine(model, tok, max_batch=len(prompts))
+    for p in prompts:
+        engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=3 * steps + 4))
+    engine.step()  # admits every request
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    step_ms = (time.perf_counter() - t0) / steps * 1e3
+    with profile() as prof:
+        for _ in range(steps):
+            engine.step()
+    mm_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMULS)
+    return step_ms, mm_us / steps / 1e3
 
 
 def hf_run(model, prompts, n) -> tuple[float, float, list]:
@@ -93,11 +120,18 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
         h, t = best["herd"], best["transformers"]
         same = h["tokens"] == t["tokens"]
-        results[B] = {k: {x: y for x, y in v.items() if x != "tokens"} for k, v in best.items()} | {"same": same}
+        step_ms, mm_ms = matmul_share(ours, tok, prompts)
+        ceiling = B / (mm_ms / 1e3)
+        results[B] = {k: {x: y for x, y in v.items() if x != "tokens"} for k, v in best.items()} | {
+            "same": same, "herd_step_ms": step_ms, "herd_matmul_ms": mm_ms, "ceiling_tok_s": ceiling}
+        print(f"[{time.strftime('%H:%M:%S')}] B={B} herd step {step_ms:.2f} ms, matmuls {mm_ms:.2f} ms",
+              file=sys.stderr, flush=True)
         rows.append(f"| {B} | {h['ttft_s']:.3f} | {t['ttft_s']:.3f} | {h['decode_tok_s']:,.0f} | "
-                    f"{t['decode_tok_s']:,.0f} | {h['decode_tok_s'] / t['decode_tok_s']:.2f}x | {same} |")
+                    f"{t['decode_tok_s']:,.0f} | {h['decode_tok_s'] / t['decode_tok_s']:.2f}x | "
+                    f"{mm_ms / step_ms:.0%} | {ceiling:,.0f} | {ceiling / t['decode_tok_s']:.2f}x | {same} |")
     print("| batch | TTFT herd (s) | TTFT transformers (s) | decode herd tok/s | decode transformers tok/s | "
-          "herd / transformers | same tokens |\n|---:|---:|---:|---:|---:|---:|---|")
+          "herd / transformers | matmuls in herd's step | ceiling tok/s | ceiling / transformers | same tokens |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(rows))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -73,12 +73,13 @@ def test_chat_in_the_terminal(ckpt):
     assert text.count("assistant: ") == 2 + 2  # two answers, and two in the first /show
     assert "(1 image(s) attached to your next message)" in text
     assert "error: image file 'missing.png' does not exist" in text  # refused when attached
-    assert "error: need temperature >= 0" in text and "error: unknown command /bogus" in text
+    assert "error: SamplingParams.top_p must be a number in (0, 1], got 7.0" in text
+    assert "error: unknown command /bogus" in text
     first_show = text.split("settings:")[0]
     assert "user: hello" in first_show and "user: [image] what is in the picture?" in first_show
     assert "(system prompt set; new conversation)" in text
-    assert text.rstrip().endswith("settings: {'temperature': 0.0, 'top_p': None, 'top_k': None, "
-                                  "'max_new_tokens': 6, 'seed': 0}")  # the new conversation is empty
+    assert text.rstrip().endswith("settings: {'temperature': 0.0, 'top_p': None, 'top_k': None, 'min_p': None, "
+                                  "'repetition_penalty': None, 'max_new_tokens': 6, 'seed': 0}")  # empty again
 
 
 def test_chat_refuses_a_conversation_longer_than_the_context(ckpt):
@@ -92,3 +93,23 @@ def test_chat_refuses_a_conversation_longer_than_the_context(ckpt):
     with pytest.raises(ValueError, match="exceeds the model's 4096"):
         reply(model, tok, session, "hi")
     assert session.messages == []  # nothing kept
+
+
+def test_chat_answers_come_from_the_engine(ckpt):
+    """The terminal chat streams exactly what the inference engine produces for the same prompt and settings."""
+    import io
+
+    from herd.chat import prepare_chat
+    from herd.checkpoint import from_pretrained
+    from herd.infer.engine import Engine
+    from herd.terminal_chat import Session, _params, reply
+    from herd.tokenizer import Tokenizer
+
+    model, tok = from_pretrained(ckpt).eval(), Tokenizer.from_pretrained(ckpt)
+    session, out = Session(), io.StringIO()
+    session.settings.update(temperature=0.9, top_k=40, max_new_tokens=12, seed=3)
+    answer = reply(model, tok, session, "hi there", out=out)
+    ids, _ = prepare_chat([{"role": "user", "content": "hi there"}], tok)
+    alone = Engine(model, tok).generate([ids], _params(session.settings))[0]
+    assert answer and answer == alone.text and out.getvalue() == answer + "\n"
+    assert session.messages[-1] == {"role": "assistant", "content": answer}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import herd
-from herd.model.cache import KVCache
+from herd.model.cache import SLACK, KVCache
 from tests.conftest import twin_models
 
 
@@ -70,16 +70,33 @@ def test_chunked_layers_keep_at_most_chunk_positions():
     model = herd.build_model(cfg, seed=9).eval()
     cache = KVCache(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, 3 * cfg.attention_chunk_size + 5))
+    C = cfg.attention_chunk_size
     with torch.no_grad():
         model(ids, cache=cache)
+        for i in range(cfg.num_hidden_layers):  # the long prefill step may allocate what it needs for itself
+            assert cache.capacity(i) >= ids.shape[1]
         for _t in range(20):
             model(ids[:, :1], cache=cache)
-    C = cfg.attention_chunk_size
     for i in range(cfg.num_hidden_layers):
         if cfg.uses_rope(i):
-            assert cache.length[i] <= C
+            assert cache.length[i] == C - 1
+            assert cache.capacity(i) <= C - 1 + SLACK  # and gives it back on the next step
         else:
             assert cache.length[i] == cache.seen == ids.shape[1] + 20
+
+
+def test_a_long_decode_through_the_sliding_window_equals_the_full_forward():
+    """One token at a time for many times the chunk and the slack: the chunked layers' window slides and is
+    compacted again and again, the global layers' buffer doubles; logits equal one full forward all along."""
+    cfg = _cfg(attention_chunk_size=8)
+    model = herd.build_model(cfg, seed=11).eval()
+    n = 3 * SLACK + 10
+    ids = torch.randint(0, cfg.vocab_size, (2, n), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(cfg)
+        steps = [model(ids[:, :3], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(3, n)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
 
 
 def test_sampling_is_seeded_and_respects_eos():
@@ -94,3 +111,18 @@ def test_sampling_is_seeded_and_respects_eos():
     first = int(herd.generate(model, prompt[:1], 1)[0, -1])
     stopped = herd.generate(model, prompt[:1], 20, eos_token_id=first)
     assert stopped.shape[1] == 6  # stopped right after emitting the end-of-sequence id
+
+
+def test_vocab_limit_keeps_ids_beyond_the_tokenizer_out():
+    """A model whose vocabulary is padded past its tokenizer's: with vocab_limit no step may pick an id above it,
+    greedy or sampled, even where the padded rows score highest."""
+    cfg = _cfg(vocab_size=4096)
+    model = herd.build_model(cfg, seed=12).eval()
+    with torch.no_grad():
+        model.lm_head.weight[3000:] *= 50  # make the padded ids the model's favourites
+    prompt = torch.randint(3, 2048, (2, 6), generator=torch.Generator().manual_seed(12))
+    assert (herd.generate(model, prompt, 10)[:, 6:] >= 2048).any()  # the setup bites without the limit
+    for temperature in (0.0, 1.0):
+        out = herd.generate(model, prompt, 10, temperature=temperature, vocab_limit=2048,
+                            generator=torch.Generator().manual_seed(0))
+        assert out.shape == (2, 16) and int(out[:, 6:].max()) < 2048

@@ -125,7 +125,7 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    eos_token_id=eos, generator=torch.Generator().manual_seed(args.seed), pixel_values=pixels,
-                   on_token=show)
+                   on_token=show, vocab_limit=tok.vocab_size if tok is not None else None)
     dt = time.perf_counter() - t0
     new = out[0, ids.shape[1]:].tolist()
     if stream is not None:
@@ -154,19 +154,15 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     import os
 
-    import uvicorn
-
     from herd.serve import build_service
     from herd.serve.app import create_app
+    from herd.serve.server import serve
 
     service = build_service(args.model, args.name, max_batch=args.max_batch, media_dir=args.media_dir,
                             api_key=args.api_key or os.environ.get("HERD_API_KEY"),
                             max_request_bytes=args.max_request_mb * 2**20, max_concurrent=args.max_concurrent)
     print(f"serving {service.name!r} on http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
-    try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
-    finally:
-        service.worker.stop()  # finish what is in flight, then cancel the rest
+    serve(create_app(service), service.worker, args.host, args.port, args.log_level, args.shutdown_timeout)
     return 0
 
 
@@ -223,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set HERD_API_KEY)")
     sp.add_argument("--max-request-mb", type=int, default=64, help="larger request bodies get 413")
     sp.add_argument("--max-concurrent", type=int, default=64, help="more generations in flight get 429")
+    sp.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="on SIGTERM/Ctrl-C, seconds in-flight requests may still run before they are cancelled")
     sp.add_argument("--log-level", default="warning")
     sp.set_defaults(fn=cmd_serve)
     from herd.train.cli import add_train_parser

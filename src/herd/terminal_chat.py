@@ -5,14 +5,16 @@
 Type a message and press Enter. Commands:
   /image PATH     attach an image (a path or a data: URL) to your next message; repeat for several
   /system TEXT    set the system prompt (starts a new conversation); `/system` alone clears it
-  /set KEY=VALUE  temperature, top_p, top_k, max_new_tokens, seed (e.g. `/set temperature=0.7 top_p=0.9`)
+  /set KEY=VALUE  temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed
+                  (e.g. `/set temperature=0.7 top_p=0.9`; `none` turns a filter off)
   /reset          forget the conversation          /show   the conversation and the settings
   /help           this text                        /quit   leave (also Ctrl-D)
 
 The whole conversation is sent each turn in the Llama 4 chat format (herd.chat), with its images; the answer streams
-as it is generated and stops at the end-of-turn token. Errors (an unreadable image, a conversation longer than the
-model's context, a bad setting) are reported and the conversation stays as it was. This loop generates one request
-at a time with herd.generate; the batching engine serves many (issue tracker: inference engine).
+as it is generated and stops at the end-of-turn token; Ctrl-C while it streams stops the answer and keeps what came
+so far. Errors (an unreadable image, a conversation longer than the model's context, a bad setting) are reported and
+the conversation stays as it was. Answers come from herd's inference engine (herd.infer.engine, the same one
+`herd serve` runs), so sampling, stop tokens and seeds behave exactly as they do through the API.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
-import torch
-
 HELP = __doc__.split("Type a message", 1)[1].split("\n\nThe whole", 1)[0]
-SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "seed": int}
+SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
+            "max_new_tokens": int, "seed": int}
 
 
 @dataclass
@@ -32,8 +33,8 @@ class Session:
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
     pending_images: list[str] = field(default_factory=list)
-    settings: dict = field(default_factory=lambda: {"temperature": 0.0, "top_p": None, "top_k": None,
-                                                    "max_new_tokens": 256, "seed": 0})
+    settings: dict = field(default_factory=lambda: {"temperature": 0.0, "top_p": None, "top_k": None, "min_p": None,
+                                                    "repetition_penalty": None, "max_new_tokens": 256, "seed": 0})
 
     def conversation(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -49,11 +50,17 @@ def _set(session: Session, items: list[str]) -> str:
             new[key] = None if value.lower() == "none" else SETTINGS[key](value)
         except ValueError:
             raise ValueError(f"{key} must be a {SETTINGS[key].__name__}, got {value!r}") from None
-    if new["temperature"] < 0 or (new["top_p"] is not None and not 0 < new["top_p"] <= 1) or \
-            new["max_new_tokens"] < 1 or (new["top_k"] is not None and new["top_k"] < 1):
-        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 1 and max_new_tokens >= 1")
+    _params(new)  # SamplingParams checks every value and names the bad one
     session.settings = new
     return " ".join(f"{k}={v}" for k, v in new.items())
+
+
+def _params(settings: dict):
+    """The engine's SamplingParams for these settings (None = the parameter's neutral value)."""
+    from herd.infer.sampling import SamplingParams
+
+    neutral = {"top_p": 1.0, "top_k": None, "min_p": 0.0, "repetition_penalty": 1.0, "seed": None}
+    return SamplingParams(**{k: neutral[k] if v is None and k in neutral else v for k, v in settings.items()})
 
 
 def command(session: Session, line: str) -> str | None:
@@ -97,37 +104,31 @@ def _text(parts: list[dict]) -> str:
 def reply(model, tok, session: Session, text: str, out=sys.stdout) -> str:
     """Send one user message (with any pending images), stream the answer to `out`, keep both in the session."""
     from herd.chat import prepare_chat, tiling
-    from herd.infer.generate import generate
+    from herd.infer.engine import Engine
 
     content = [{"type": "image_url", "image_url": {"url": p}} for p in session.pending_images]
     user = {"role": "user", "content": content + [{"type": "text", "text": text}] if content else text}
     v = getattr(model.config, "vision_config", None)
     if content and v is None:
         raise ValueError("this is a text-only model: it cannot take images (/reset to drop them)")
-    kw = tiling(v)
-    ids, batch = prepare_chat(session.conversation() + [user], tok, **kw)  # raises on a bad image: nothing kept
-    s = session.settings
+    ids, batch = prepare_chat(session.conversation() + [user], tok, **tiling(v))  # a bad image raises: nothing kept
+    params = _params(session.settings)
     limit = getattr(model.config, "text_config", model.config).max_position_embeddings
-    if len(ids) + s["max_new_tokens"] > limit:
-        raise ValueError(f"the conversation is {len(ids)} tokens; with max_new_tokens={s['max_new_tokens']} it "
+    if len(ids) + params.max_new_tokens > limit:
+        raise ValueError(f"the conversation is {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} it "
                          f"exceeds the model's {limit}: /reset, or /set max_new_tokens=...")
-    stream, pieces = tok.stream(skip_special=True), []
-
-    def show(step: torch.Tensor) -> None:
-        t = int(step[0])
-        if t not in tok.stop_ids:
-            pieces.append(stream.put(t))
-            print(pieces[-1], end="", file=out, flush=True)
-
-    generate(model, torch.tensor([ids]), s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
-             top_k=s["top_k"], eos_token_id=tok.stop_ids, generator=torch.Generator().manual_seed(s["seed"]),
-             pixel_values=batch.pixel_values if batch is not None else None, on_token=show)
-    pieces.append(stream.flush())
-    print(pieces[-1], file=out, flush=True)
-    answer = "".join(pieces)
-    session.messages += [user, {"role": "assistant", "content": answer}]
+    engine = Engine(model, tok, max_batch=1)
+    req = engine.submit(ids, params, batch.pixel_values if batch is not None else None,
+                        on_delta=lambda _, delta: print(delta, end="", file=out, flush=True))
+    try:
+        engine.run()
+    except KeyboardInterrupt:  # stop this answer, keep what was said
+        engine.cancel(req)
+        print(" (stopped)", end="", file=out)
+    print(file=out, flush=True)
+    session.messages += [user, {"role": "assistant", "content": req.text}]
     session.pending_images.clear()
-    return answer
+    return req.text
 
 
 def run(model, tok, session: Session, lines=None, out=sys.stdout) -> int:

@@ -14,6 +14,7 @@ import torch
 import herd
 from herd.infer.engine import Engine
 from herd.infer.sampling import SamplingParams
+from herd.model.cache import SLACK
 from herd.tokenizer import tiny_tokenizer
 from tests.conftest import twin_models
 
@@ -91,8 +92,9 @@ def test_chunked_layers_stay_bounded_on_a_long_generation(tok):
         if engine.cache is not None:
             for i, chunked in enumerate(engine.cache.chunked):
                 if chunked:
-                    widest = max(widest, engine.cache.k[i].shape[2])
+                    widest = max(widest, engine.cache.length[i])
                     assert engine.cache.length[i] <= cfg.attention_chunk_size - 1
+                    assert engine.cache.capacity(i) <= cfg.attention_chunk_size - 1 + SLACK  # allocated, too
     assert widest == cfg.attention_chunk_size - 1  # it filled up to the bound and no further
     assert [len(r.output_ids) for r in reqs] == [120, 90, 60]
 
@@ -166,3 +168,32 @@ def test_a_padded_vocabulary_never_yields_ids_the_tokenizer_lacks(tok):
     reqs = Engine(model, tok).generate(_prompts(cfg, [10, 20], seed=12), SamplingParams(max_new_tokens=20, **GREEDY))
     assert all(0 <= t < tok.vocab_size for r in reqs for t in r.output_ids) and all(len(r.output_ids) == 20
                                                                                    for r in reqs)
+
+
+def test_image_placeholders_are_refused_without_images_and_never_generated(tok):
+    """A multimodal model: a prompt holding <|patch|> ids but no image is refused at once; a generated <|patch|> (it
+    would have no image feature behind it) can never happen, even when the model favours it; and a request whose
+    input fails inside the model ends alone with "error" while the batch goes on."""
+    cfg = herd.multimodal_preset("tiny")
+    model = herd.build_model(cfg, seed=13).eval()
+    patch = cfg.image_token_index
+
+    def favour_patch(module, inputs, logits):  # the model's favourite token, whatever the input
+        logits[..., patch] += 100.0
+        return logits
+
+    model.language_model.lm_head.register_forward_hook(favour_patch)
+    engine = Engine(model, tok)
+    with pytest.raises(ValueError, match="image placeholder tokens"):
+        engine.submit([5, 6, patch, 7])
+    prompts = _prompts(cfg.text_config, [9, 14], seed=13)
+    assert int(model(torch.tensor(prompts[:1]))[0, -1].argmax()) == patch  # the setup bites
+    assert herd.generate(model, torch.tensor(prompts[:1]), 1)[0, -1] != patch  # banned in herd.generate too
+    good = engine.submit(prompts[0], SamplingParams(max_new_tokens=12, **GREEDY))
+    engine.step()
+    bad = engine.request(prompts[1], SamplingParams(max_new_tokens=12, **GREEDY))
+    bad.prompt_ids.append(patch)  # slipped past the check: the model itself raises when it is admitted
+    engine.add(bad)
+    engine.run()
+    assert bad.finish_reason == "error" and "no pixel_values" in bad.error and not bad.output_ids
+    assert good.finish_reason == "length" and patch not in good.output_ids and len(good.output_ids) == 12

@@ -7,49 +7,24 @@ Run: .venv/bin/python -m pytest tests/serve/test_server.py -v
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.serve.server_process import ServerProcess, init_checkpoint
+
 IMAGE = Path(__file__).parents[1] / "data" / "images" / "square_h224_w224.png"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("tinymm")
-    subprocess.run([sys.executable, "-m", "herd.cli", "init", "--preset", "tiny", "--multimodal", "--out", str(ckpt)],
-                   check=True, capture_output=True)
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log = open(ckpt / "server.log", "w")  # a file, not a pipe nobody reads: a full pipe would block the server
-    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--name", "tiny"], stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((ckpt / "server.log").read_text()) from None
-            time.sleep(0.1)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=60)
-    log.close()
+    ckpt = init_checkpoint(tmp_path_factory.mktemp("tinymm"), "--multimodal")
+    with ServerProcess(ckpt, "--name", "tiny") as srv:
+        yield srv.base
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +107,15 @@ def test_an_image_message(client):
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 400, "local image paths"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 50}, 400, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": [5, 6, 99999]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                              "tool_choice": "required"}, 400, "constrained decoding"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                              "tool_choice": "sometimes"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                              "tool_choice": {"type": "function", "function": {"name": "rm"}}}, 400, "'rm'"),
+    ("/v1/completions", {"model": "tiny", "prompt": [5, 6, 996]}, 400, "image placeholder"),  # <|patch|>, no image
 ])
 def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client, path, body, status, fragment):
     code, err = _post(server, path, body)
@@ -139,6 +123,31 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client, 
     assert set(err["error"]) == {"message", "type", "param", "code"}
     ok = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=2)
     assert ok.choices[0].message is not None
+
+
+def test_a_short_request_is_not_held_up_by_a_long_one(client):
+    """A request that arrives while another generates joins the running batch at the next step (it does not wait
+    for the batch to finish): its whole answer comes back while the long stream is still going."""
+    import threading
+
+    long_done = threading.Event()
+    first_chunk = threading.Event()
+    reasons = []
+
+    def long_stream():  # vLLM's ignore_eos: it surely runs all 1500 tokens
+        for chunk in client.completions.create(model="tiny", prompt="a long one", max_tokens=1500, temperature=1.0,
+                                               seed=1, stream=True, extra_body={"ignore_eos": True}):
+            first_chunk.set()
+            reasons.extend(c.finish_reason for c in chunk.choices if c.finish_reason)
+        long_done.set()
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    assert first_chunk.wait(60)
+    short = client.completions.create(model="tiny", prompt="a short one", max_tokens=3, temperature=1.0, seed=2)
+    assert short.choices[0].finish_reason in ("stop", "length") and not long_done.is_set()
+    t.join(120)
+    assert long_done.is_set() and reasons == ["length"]
 
 
 def test_metrics(server, client):
@@ -174,22 +183,10 @@ def test_api_key_request_size_and_concurrency_limits(tmp_path_factory):
 
     from openai import AuthenticationError, OpenAI, RateLimitError
 
-    ckpt = tmp_path_factory.mktemp("tiny-key")
-    subprocess.run([sys.executable, "-m", "herd.cli", "init", "--preset", "tiny", "--out", str(ckpt)], check=True,
-                   capture_output=True)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--name", "tiny", "--api-key", "s3cret", "--max-request-mb", "1", "--max-concurrent",
-                             "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+    ckpt = init_checkpoint(tmp_path_factory.mktemp("tiny-key"))
+    with ServerProcess(ckpt, "--name", "tiny", "--api-key", "s3cret", "--max-request-mb", "1", "--max-concurrent",
+                       "1") as srv:
+        base = srv.base
         good = OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
@@ -210,6 +207,3 @@ def test_api_key_request_size_and_concurrency_limits(tmp_path_factory):
                     outcomes.append(429)
         assert 429 in outcomes and any(o != 429 for o in outcomes)  # one at a time: the others were told to retry
         assert good.completions.create(model="tiny", prompt="again", max_tokens=2).choices  # still up
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

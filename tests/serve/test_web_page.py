@@ -1,6 +1,7 @@
 """The web chat page in a real headless Chromium (Debian's chromium, driven by Playwright): it loads, sends a
 message, the streamed answer appears, an image uploads and travels with the next message, the conversation survives
-a reload (kept in the browser), and "new chat" clears it.
+a reload (kept in the browser), and "new chat" clears it. Against a server with an API key, the page says the key is
+missing, and chats once it is typed in.
 
 Run: .venv/bin/python -m pytest tests/serve/test_web_page.py -v
 """
@@ -11,23 +12,30 @@ import shutil
 
 import pytest
 
+from tests.serve.server_process import ServerProcess, init_checkpoint
 from tests.serve.test_server import IMAGE, client, server  # noqa: F401  (the module-scoped real server fixtures)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def page(server):  # noqa: F811
+def browser():
     from playwright.sync_api import sync_playwright
 
     if CHROMIUM is None:
         raise RuntimeError("no chromium on PATH: `make test` installs it (apt-get install chromium)")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        pg = browser.new_page()
-        pg.goto(server + "/")
-        yield pg
-        browser.close()
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):  # noqa: F811
+    pg = browser.new_page()
+    pg.goto(server + "/")
+    yield pg
+    pg.close()
 
 
 def test_the_page_chats_streams_uploads_and_remembers(page, client):  # noqa: F811
@@ -59,3 +67,29 @@ def test_the_page_chats_streams_uploads_and_remembers(page, client):  # noqa: F8
     page.wait_for_function("document.querySelectorAll('.msg').length === 4")  # kept in the browser
     page.click("#reset")
     assert page.locator(".msg").count() == 0
+
+
+def test_the_page_asks_for_and_uses_the_api_key(browser, tmp_path_factory):
+    ckpt = init_checkpoint(tmp_path_factory.mktemp("tiny-keyed"))
+    with ServerProcess(ckpt, "--name", "keyed", "--api-key", "s3cret") as srv:
+        base = srv.base
+        pg = browser.new_page()
+        pg.goto(base + "/")
+        pg.wait_for_function("document.getElementById('model').textContent.includes('API key')")
+        pg.fill("#max_tokens", "4")
+        pg.fill("#text", "hello")
+        pg.click("#send")
+        pg.wait_for_selector(".msg.error")  # refused, and said so
+        assert "API key" in pg.inner_text(".msg.error")
+        pg.fill("#api_key", "s3cret")
+        pg.dispatch_event("#api_key", "change")
+        pg.wait_for_function("document.getElementById('model').textContent === 'keyed'")
+        pg.fill("#text", "hello again")
+        pg.click("#send")
+        pg.wait_for_function("!document.getElementById('send').disabled")  # (disabled while the request runs)
+        assert pg.locator(".msg.error").count() == 1  # only the first, keyless attempt failed
+        assert pg.evaluate("document.querySelectorAll('.msg')[document.querySelectorAll('.msg').length - 1]"
+                           ".className") == "msg assistant"
+        assert pg.evaluate("sessionStorage.getItem('herd-api-key')") == "s3cret"
+        assert pg.evaluate("localStorage.getItem('herd-api-key')") is None  # never kept beyond the tab
+        pg.close()

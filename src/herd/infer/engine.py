@@ -14,12 +14,17 @@ Continuous batching: requests join and leave one running batch between decode st
 - Every decode step feeds each running row its last token, samples all rows at once (herd.infer.sampling: per-row
   settings, per-request seeded generators), and runs each row's StopChecker (stop ids, stop strings, max tokens).
   Finished or cancelled rows leave the batch at once (their cache rows are dropped) and the shared left padding the
-  batch no longer needs is trimmed.
+  batch no longer needs is trimmed. Ids the tokenizer lacks (a padded model vocabulary) and a multimodal model's
+  image placeholder are never sampled: a generated `<|patch|>` would have no image feature behind it.
+- A request whose input fails in the model while it is admitted (say, image placeholders without images) ends alone
+  with finish_reason "error" and its message in `req.error`; the batch goes on. `fail_all` ends everything (a server
+  calls it when a step itself raised).
 
 Use:
     engine = Engine(model, tokenizer)
     req = engine.submit(prompt_ids, SamplingParams(max_new_tokens=64), on_delta=lambda r, text: print(text))
     engine.run()            # or engine.step() from your own loop; engine.cancel(req) at any time
+    # from another thread: req = engine.request(...) there, then engine.add(req) on the engine's thread
     req.output_ids, req.text, req.finish_reason
 """
 
@@ -49,7 +54,8 @@ class Request:
     on_delta: Callable[[Request, str], None] | None = None  # called after every new token with its new text
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # what went wrong, when finish_reason is "error"
     checker: StopChecker | None = None
     generator: torch.Generator | None = None
 
@@ -82,10 +88,20 @@ class Engine:
         self.next_ids: list[int] = []  # each row's token not yet fed to the model
         self._ids = itertools.count()
         self._sampling = False  # inside _sample: a cancel from a callback only marks the request
+        # Never sampled: ids past the tokenizer's vocabulary (padded model vocabularies), and a multimodal model's
+        # image placeholder, which stands for an image feature that a generated token would not have.
+        V = self.cfg.vocab_size
+        self.banned = torch.zeros(V, dtype=torch.bool, device=self.device)
+        self.banned[min(tokenizer.vocab_size, V):] = True
+        image_id = getattr(model.config, "image_token_index", None)
+        if image_id is not None and image_id < V:
+            self.banned[image_id] = True
+        self.banned = self.banned if bool(self.banned.any()) else None
 
     # ---- requests --------------------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-               pixel_values: torch.Tensor | None = None, on_delta=None) -> Request:
+    def request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                pixel_values: torch.Tensor | None = None, on_delta=None) -> Request:
+        """Check and build a request without queueing it (safe from any thread: it touches no engine state)."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -95,10 +111,24 @@ class Engine:
                              f"{self.cfg.max_position_embeddings}")
         if pixel_values is not None and not hasattr(self.model.config, "vision_config"):
             raise ValueError("this is a text-only model: it cannot take images")
-        req = Request(next(self._ids), prompt, params, pixel_values, on_delta,
-                      checker=StopChecker(params, self.tok), generator=make_generator(params, self.device))
-        self.waiting.append(req)
+        bad = next((t for t in prompt if not 0 <= t < self.cfg.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (size {self.cfg.vocab_size})")
+        image_id = getattr(self.model.config, "image_token_index", None)
+        if pixel_values is None and image_id is not None and image_id in prompt:
+            raise ValueError(f"the prompt holds image placeholder tokens (id {image_id}) but no image was given")
+        return Request(next(self._ids), prompt, params, pixel_values, on_delta,
+                       checker=StopChecker(params, self.tok), generator=make_generator(params, self.device))
+
+    def add(self, req: Request) -> Request:
+        """Queue a request built by `request`; it joins the batch at the next step."""
+        if not req.finished:
+            self.waiting.append(req)
         return req
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               pixel_values: torch.Tensor | None = None, on_delta=None) -> Request:
+        return self.add(self.request(prompt_ids, params, pixel_values, on_delta))
 
     def cancel(self, req: Request) -> None:
         """Stop a request now; a running one leaves the batch (and frees its cache rows) at once."""
@@ -109,6 +139,23 @@ class Engine:
             self.waiting.remove(req)
         elif req in self.running and not self._sampling:  # else _sample drops it when its loop ends
             self._drop([r for r in range(len(self.running)) if self.running[r] is not req])
+        if req.on_delta is not None:  # its consumer learns at once that it ended
+            req.on_delta(req, "")
+
+    def fail_all(self, message: str) -> None:
+        """End every request with finish_reason "error" and empty the batch (after a step raised: its state is
+        unknown, and the next requests must start clean)."""
+        reqs = list(self.waiting) + self.running
+        self.waiting.clear()
+        self.running, self.next_ids, self.lengths, self.cache, self.mask = [], [], [], None, None
+        for req in reqs:
+            self._fail(req, message)
+
+    def _fail(self, req: Request, message: str) -> None:
+        if not req.finished:
+            req.finish_reason, req.error = "error", message
+            if req.on_delta is not None:
+                req.on_delta(req, "")
 
     @property
     def busy(self) -> bool:
@@ -129,7 +176,13 @@ class Engine:
     def step(self) -> None:
         """Admit waiting requests (prefill + first token), then one decode step for every running row."""
         while self.waiting and len(self.running) < self.max_batch:
-            self._admit(self.waiting.popleft())
+            req = self.waiting.popleft()
+            try:
+                self._admit(req)
+            except (ValueError, RuntimeError) as e:  # this request's own input failed in the model: only it ends
+                if req in self.running:  # it failed after joining the batch: the batch's state is unknown
+                    raise
+                self._fail(req, f"{type(e).__name__}: {e}")
         if self.running:
             self._decode()
 
@@ -157,9 +210,8 @@ class Engine:
     def _sample(self, logits: torch.Tensor, rows: list[int]) -> None:
         """Pick the next token of `rows` (logits (len(rows), V)), stream their text, retire finished rows."""
         reqs = [self.running[r] for r in rows]
-        if logits.shape[-1] > self.tok.vocab_size:  # a padded vocabulary: ids the tokenizer lacks are never chosen
-            logits = logits.clone()
-            logits[:, self.tok.vocab_size:] = float("-inf")
+        if self.banned is not None:
+            logits = logits.masked_fill(self.banned, float("-inf"))
         self._sampling = True
         try:
             self._deliver(rows, reqs, logits)
@@ -200,12 +252,10 @@ class Engine:
             return
         old, S = self.cache, max(self.cache.seen, new.seen)
         for i in range(len(old.k)):
-            a, b = old.k[i][:, :, :old.length[i]], new.k[i][:, :, :new.length[i]]
-            av, bv = old.v[i][:, :, :old.length[i]], new.v[i][:, :, :new.length[i]]
+            (a, av), (b, bv) = old.layer(i), new.layer(i)
             keep = min(S, old.chunk - 1) if old.chunked[i] else S
-            old.k[i] = torch.cat([_left_pad(a, keep - a.shape[2]), _left_pad(b, keep - b.shape[2])])
-            old.v[i] = torch.cat([_left_pad(av, keep - av.shape[2]), _left_pad(bv, keep - bv.shape[2])])
-            old.length[i] = keep
+            old.put(i, torch.cat([_left_pad(a, keep - a.shape[2]), _left_pad(b, keep - b.shape[2])]),
+                    torch.cat([_left_pad(av, keep - av.shape[2]), _left_pad(bv, keep - bv.shape[2])]))
         self.mask = torch.cat([F.pad(self.mask, (S - self.mask.shape[1], 0)), F.pad(new_mask, (S - n, 0))])
         old.seen = S
         self.lengths.append(n)
@@ -225,7 +275,7 @@ class Engine:
         if lead:
             c, S = self.cache, self.cache.seen - lead
             for i in range(len(c.k)):
+                k, v = c.layer(i)
                 n = min(c.length[i], S)  # a chunked layer keeps min(S, C - 1), a global one S positions
-                c.k[i], c.v[i] = c.k[i][:, :, c.length[i] - n:c.length[i]], c.v[i][:, :, c.length[i] - n:c.length[i]]
-                c.length[i] = n
+                c.put(i, k[:, :, k.shape[2] - n:], v[:, :, v.shape[2] - n:])
             c.seen, self.mask = S, self.mask[:, lead:]

@@ -13,8 +13,12 @@ import torch
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V): argmax at temperature 0, else top-k / top-p sampling."""
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                banned: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V): argmax at temperature 0, else top-k / top-p sampling.
+    Ids where `banned` (V,) bool is True are never chosen."""
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -30,18 +34,32 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _banned(model, vocab_limit: int | None, device) -> torch.Tensor | None:
+    """(V,) True for ids never to sample: past `vocab_limit`, and the image placeholder of a multimodal model."""
+    V = getattr(model.config, "text_config", model.config).vocab_size
+    banned = torch.zeros(V, dtype=torch.bool, device=device)
+    if vocab_limit is not None:
+        banned[vocab_limit:] = True
+    image_id = getattr(model.config, "image_token_index", None)
+    if image_id is not None and image_id < V:
+        banned[image_id] = True
+    return banned if bool(banned.any()) else None
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
              generator: torch.Generator | None = None, use_cache: bool = True,
-             pixel_values: torch.Tensor | None = None, on_token=None) -> torch.Tensor:
+             pixel_values: torch.Tensor | None = None, on_token=None, vocab_limit: int | None = None) -> torch.Tensor:
     """Return (B, T + n) ids: the prompt followed by up to `max_new_tokens` new tokens per row.
 
     Rows that emit an end-of-sequence id are padded with `pad_token_id` afterwards; generation stops early once
     every row has finished. For a multimodal model, `pixel_values` (tiles of every image, in prompt order) are
     encoded once, with the prompt; decode steps only read the cache. `on_token(ids)` is called with each step's
-    new tokens (B,) as they are produced, for streaming.
+    new tokens (B,) as they are produced, for streaming. `vocab_limit` (the tokenizer's vocabulary size) keeps ids
+    a padded model vocabulary has beyond the tokenizer's from ever being chosen; a multimodal model's image
+    placeholder id is never chosen either (a generated `<|patch|>` would have no image feature behind it).
     """
     from herd.model.cache import KVCache
 
@@ -51,6 +69,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device).long()
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    banned = _banned(model, vocab_limit, device)
     cache = KVCache(getattr(model.config, "text_config", model.config)) if use_cache else None
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
     step_ids, step_pos = ids, pos
@@ -60,7 +79,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         first = cache is None or cache.seen == 0
         extra = {"pixel_values": pixel_values} if pixel_values is not None and first else {}
         logits = model(step_ids, attention_mask=mask, position_ids=step_pos, cache=cache, logits_to_keep=1, **extra)
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator, banned)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         if on_token is not None:

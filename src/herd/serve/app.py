@@ -5,8 +5,12 @@ Request and response shapes follow OpenAI's API (spec: serving-and-safety.md): S
 `data: [DONE]`, `stream_options.include_usage`, usage counts, finish_reason stop / length / tool_calls,
 `max_tokens` and `max_completion_tokens` as aliases, `n`, `seed`, `stop`, `logprobs` / `top_logprobs`, tools
 (parsed from the output by herd.tools), images as `image_url` parts (data: URLs; file paths only inside the
-operator's `media_dir`). Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with the matching
-status, and a bad request never takes the server down. A client that disconnects mid-stream cancels its requests.
+operator's `media_dir`), and vLLM's extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`
+(the openai client sends them through `extra_body`). Errors use OpenAI's shape
+{"error": {"message", "type", "param", "code"}} with the matching status, and a bad request never takes the server
+down. A client that disconnects mid-stream cancels its requests. A generation that fails inside the engine answers
+500 (type "server_error"; in a stream, an error event before `data: [DONE]`) and the server goes on. A request
+cancelled by a graceful shutdown ends with finish_reason "cancelled".
 """
 
 from __future__ import annotations
@@ -79,6 +83,13 @@ def sampling_params(body: dict, defaults: dict, context: int) -> tuple[SamplingP
         raise APIError(400, "stop must be a string or a list of strings", "stop")
     logprobs = body.get("logprobs") or False
     top = _number(body, "top_logprobs", 0, int, 0, 20)
+    # vLLM's extensions to the OpenAI body, which clients send through `extra_body`
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
+    stop_ids = body.get("stop_token_ids") or []
+    if not (isinstance(stop_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids)):
+        raise APIError(400, "stop_token_ids must be a list of token ids", "stop_token_ids")
     try:
         params = SamplingParams(
             temperature=_number(body, "temperature", defaults.get("temperature", 1.0), float, 0, 2),
@@ -87,11 +98,37 @@ def sampling_params(body: dict, defaults: dict, context: int) -> tuple[SamplingP
             presence_penalty=_number(body, "presence_penalty", 0.0, float, -2, 2),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, float, -2, 2),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0.01, 10),
+            min_p=_number(body, "min_p", 0.0, float, 0, 1), ignore_eos=ignore_eos, stop_token_ids=stop_ids,
             seed=_number(body, "seed", None, int), max_new_tokens=max_tokens or context,
             stop=stop, logprobs=bool(logprobs) or top > 0, top_logprobs=top)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     return params, _number(body, "n", 1, int, 1, MAX_N), max_tokens is not None
+
+
+def _tools_for(choice, tools: list) -> list | None:
+    """The tools the prompt shows, by OpenAI's `tool_choice`: "auto" (the default with tools) all of them, "none"
+    none, {"type": "function", "function": {"name": N}} only N. herd does not constrain decoding, so no choice can
+    force a call: a named choice makes the model see only that function (and only its calls are parsed), and
+    "required", which promises a call, is refused rather than silently not kept."""
+    if choice in (None, "auto"):
+        return tools or None
+    if choice == "none":
+        return None
+    if not tools:
+        raise APIError(400, "tool_choice needs tools", "tool_choice")
+    if choice == "required":
+        raise APIError(400, "tool_choice \"required\" needs constrained decoding, which this server does not do; "
+                            "use \"auto\" or name the function", "tool_choice")
+    name = ((choice.get("function") or {}).get("name") if isinstance(choice, dict) and
+            choice.get("type") == "function" else None)
+    if not isinstance(name, str):
+        raise APIError(400, f"tool_choice must be \"none\", \"auto\" or {{\"type\": \"function\", \"function\": "
+                            f"{{\"name\": ...}}}}, got {choice!r}", "tool_choice")
+    named = [t for t in tools if isinstance(t, dict) and (t.get("function") or {}).get("name") == name]
+    if not named:
+        raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+    return named
 
 
 class Service:
@@ -148,11 +185,9 @@ class Service:
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m
                                                                       for m in messages):
             raise APIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
-        if body.get("tool_choice") not in (None, "none") and not tools:
-            raise APIError(400, "tool_choice needs tools", "tool_choice")
         if tools is not None and not isinstance(tools, list):
             raise APIError(400, "tools must be a list", "tools")
-        use_tools = tools if tools and body.get("tool_choice") != "none" else None
+        use_tools = _tools_for(body.get("tool_choice"), tools or [])
         self._images(messages)
         kw = tiling(self.vision)
         try:
@@ -264,7 +299,10 @@ def create_app(service: Service) -> FastAPI:
                                 f"{svc.max_concurrent}); retry later", kind="rate_limit_error")
         svc.metrics.requests += 1
         t0 = time.perf_counter()
-        subs = [svc.worker.submit(ids, params, pixels) for _ in range(n)]
+        try:
+            subs = [svc.worker.submit(ids, params, pixels) for _ in range(n)]
+        except ValueError as e:  # the engine's own checks (empty prompt, context, images on a text model)
+            raise APIError(400, str(e)) from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": svc.name}
@@ -277,6 +315,9 @@ def create_app(service: Service) -> FastAPI:
                 for r, _ in subs:
                     svc.worker.cancel(r)
                 return JSONResponse({}, status_code=499)
+        failed = next((r for r, _ in subs if r.finish_reason == "error"), None)
+        if failed is not None:
+            raise APIError(500, failed.error, code="engine_error", kind="server_error")
         choices = []
         for i, (req, _) in enumerate(subs):
             lp = _logprobs(svc.tok, req, 0, len(req.logprobs)) if params.logprobs else None
@@ -304,6 +345,7 @@ def create_app(service: Service) -> FastAPI:
 
         parsers = [ToolCallStreamParser(tools) if tools else None for _ in subs]
         sent = [0] * len(subs)
+        fed = [0] * len(subs)  # characters of each request's text passed on so far
         if chat:
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                          for i in range(len(subs))])
@@ -317,9 +359,13 @@ def create_app(service: Service) -> FastAPI:
                     except TimeoutError:
                         if await request.is_disconnected():
                             raise asyncio.CancelledError from None
-                        finished, delta = req.finished, ""
+                        finished = req.finished
                         if not finished:
                             continue
+                        # The engine thread sets finish_reason before its last deltas reach the queue: take the rest
+                        # from the request's final text, or it would be lost.
+                        delta = req.text[fed[i]:]
+                    fed[i] += len(delta)
                     lp = _logprobs(svc.tok, req, sent[i], len(req.logprobs)) if req.params.logprobs else None
                     sent[i] = len(req.logprobs)
                     calls = []
@@ -335,6 +381,14 @@ def create_app(service: Service) -> FastAPI:
                             d["tool_calls"] = calls
                         choice = {"index": i, "delta": d} if chat else {"index": i, "text": delta}
                         yield event([{**choice, "logprobs": lp, "finish_reason": None}])
+                    if finished and req.finish_reason == "error":  # OpenAI's clients raise on an error event
+                        svc.metrics.errors += 1
+                        for r, _ in subs:
+                            svc.worker.cancel(r)
+                        err = APIError(500, req.error, code="engine_error", kind="server_error")
+                        yield f"data: {json.dumps(err.body())}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
                     if finished and req.finished:
                         reason = "tool_calls" if calls else req.finish_reason
                         empty = {"index": i, "delta": {}} if chat else {"index": i, "text": ""}
