@@ -7,10 +7,10 @@ tokenizer. Each server is a real subprocess on 127.0.0.1, float32, `--threads` t
 
 The load is closed-loop: at concurrency C, C client threads each send one streaming chat completion, read it to the
 end, and send the next, until `--requests` requests are done (the same prompts in the same order on both servers:
-`--prompt-words` random words each, drawn with `--seed`; greedy, `max_tokens` = `--max-tokens`). Neither server can
-be told to ignore the end-of-turn token over the API (herd's engine has `ignore_eos`, its HTTP API does not expose
-it; transformers' has no such field either); instead the checkpoint's lm_head rows of the special ids are zeroed
-(write_checkpoint), so the random model only ever picks text ids and every request runs to max_tokens. Output tokens
+`--prompt-words` random words each, drawn with `--seed`; greedy, `max_tokens` = `--max-tokens`). herd's API takes
+vLLM's `ignore_eos`, transformers' has no such field, so to give both the same work the checkpoint's lm_head rows of
+the special ids are zeroed (write_checkpoint): the random model only ever picks text ids and every request runs to
+max_tokens. Output tokens
 are still the servers' own usage counts, and throughput uses them. Both servers produce the same greedy tokens from
 the same weights and prompt ids, so they do the same work; the "same text" column checks it request by request (up
 to a last, incomplete UTF-8 character, which herd flushes as U+FFFD and transformers drops).
