@@ -160,7 +160,8 @@ def cmd_serve(args) -> int:
 
     service = build_service(args.model, args.name, max_batch=args.max_batch, media_dir=args.media_dir,
                             api_key=args.api_key or os.environ.get("HERD_API_KEY"),
-                            max_request_bytes=args.max_request_mb * 2**20, max_concurrent=args.max_concurrent)
+                            max_request_bytes=args.max_request_mb * 2**20, max_concurrent=args.max_concurrent,
+                            max_images=args.max_images, max_image_bytes=int(args.max_image_mb * 2**20))
     print(f"serving {service.name!r} on http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
     serve(create_app(service), service.worker, args.host, args.port, args.log_level, args.shutdown_timeout)
     return 0
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set HERD_API_KEY)")
     sp.add_argument("--max-request-mb", type=int, default=64, help="larger request bodies get 413")
     sp.add_argument("--max-concurrent", type=int, default=64, help="more generations in flight get 429")
+    sp.add_argument("--max-images", type=int, default=8, help="more images in one request get 400")
+    sp.add_argument("--max-image-mb", type=float, default=20, help="a larger image (data URL or file) gets 413")
     sp.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGTERM/Ctrl-C, seconds in-flight requests may still run before they are cancelled")
     sp.add_argument("--log-level", default="warning")

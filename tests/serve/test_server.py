@@ -7,6 +7,8 @@ Run: .venv/bin/python -m pytest tests/serve/test_server.py -v
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,9 +23,21 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def media(tmp_path_factory):
+    """The one folder whose files requests may name by path (--media-dir)."""
+    media = tmp_path_factory.mktemp("media")
+    shutil.copy(IMAGE, media / "square.png")
+    (media / "big.png").write_bytes(b"\0" * 600_000)  # over --max-image-mb
+    os.symlink(IMAGE, media / "link.png")  # a link that leads out of the folder
+    (media.parent / "secret.png").write_bytes(IMAGE.read_bytes())  # next to it, not in it
+    return media
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, media):
     ckpt = init_checkpoint(tmp_path_factory.mktemp("tinymm"), "--multimodal")
-    with ServerProcess(ckpt, "--name", "tiny") as srv:
+    with ServerProcess(ckpt, "--name", "tiny", "--max-images", "2", "--max-image-mb", "0.5", "--media-dir",
+                       str(media)) as srv:
         yield srv.base
 
 
@@ -83,6 +97,20 @@ def test_completions_seed_stop_n_and_logprobs(client):
     assert len(items) >= 1 and len(items[0].top_logprobs) == 2 and items[0].logprob <= 0
 
 
+def test_image_files_only_from_the_media_folder(server, client, media):
+    ok = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(media / "square.png")}},
+                                     {"type": "text", "text": "What is this?"}]}])
+    assert ok.usage.prompt_tokens > 20
+    for url, status, fragment in [(str(media / "big.png"), 413, "larger"),
+                                  (str(media / ".." / "secret.png"), 400, "local image paths"),
+                                  (str(media / "link.png"), 400, "local image paths"),
+                                  (str(IMAGE), 400, "local image paths")]:
+        code, err = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}]}]})
+        assert code == status and fragment in err["error"]["message"], (url, code, err)
+
+
 def test_an_image_message(client):
     import base64
 
@@ -107,6 +135,10 @@ def test_an_image_message(client):
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 400, "local image paths"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 50}, 400, "n"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}] * 3}]}, 400, "too many images"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 800_000}}]}]}, 413, "larger"),
     ("/v1/completions", {"model": "tiny", "prompt": [5, 6, 99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,

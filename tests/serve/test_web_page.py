@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from tests.serve.server_process import ServerProcess, init_checkpoint
-from tests.serve.test_server import IMAGE, client, server  # noqa: F401  (the module-scoped real server fixtures)
+from tests.serve.test_server import IMAGE, client, media, server  # noqa: F401  (the module-scoped real server)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

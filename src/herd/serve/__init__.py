@@ -8,7 +8,7 @@ from pathlib import Path
 
 def build_service(model_dir: str, name: str | None = None, dtype=None, max_batch: int = 32,
                   media_dir: str | None = None, api_key: str | None = None, max_request_bytes: int = 64 * 2**20,
-                  max_concurrent: int = 64):
+                  max_concurrent: int = 64, max_images: int = 8, max_image_bytes: int = 20 * 2**20):
     """Load a checkpoint with its tokenizer and generation defaults, start the engine thread; returns a Service."""
     from herd.checkpoint import from_pretrained
     from herd.infer.engine import Engine
@@ -26,4 +26,5 @@ def build_service(model_dir: str, name: str | None = None, dtype=None, max_batch
         if gen.is_file() else {}
     worker = EngineWorker(Engine(model, tok, max_batch=max_batch))
     return Service(worker, tok, name or root.resolve().name, defaults, media_dir, api_key=api_key,
-                   max_request_bytes=max_request_bytes, max_concurrent=max_concurrent)
+                   max_request_bytes=max_request_bytes, max_concurrent=max_concurrent, max_images=max_images,
+                   max_image_bytes=max_image_bytes)

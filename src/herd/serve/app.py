@@ -176,6 +176,8 @@ class Service:
             if self.media_dir is None or self.media_dir not in path.parents:
                 raise APIError(400, "local image paths are not allowed (the server has no --media-dir for them)",
                                "messages")
+            if path.is_file() and path.stat().st_size > self.max_image_bytes:
+                raise APIError(413, f"an image is larger than {self.max_image_bytes} bytes", "messages")
 
     def chat_prompt(self, body: dict):
         from herd.chat import prepare_chat, tiling
