@@ -6,6 +6,8 @@ make a request reproducible whatever else is in the batch, greedy rows, raw logp
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -257,7 +259,8 @@ def test_logprobs_from_bf16_logits_are_float32():
     ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("seed", 1.5), ("seed", "7"),
     ("max_new_tokens", 0), ("max_new_tokens", 3.0), ("stop_token_ids", [1, -1]), ("stop", [""]),
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", [1]), ("logprobs", 1), ("top_logprobs", 21),
-    ("top_logprobs", -1), ("ignore_eos", None),
+    ("top_logprobs", -1), ("ignore_eos", None), ("logit_bias", {5: 101}), ("logit_bias", {-1: 3}),
+    ("logit_bias", {"5": 3}), ("logit_bias", [5, 3]),
 ])
 def test_invalid_params_name_the_field(field, value):
     kw = {"logprobs": True} if field == "top_logprobs" else {}
@@ -277,6 +280,21 @@ def test_params_normalisation():
     assert SamplingParams(stop=None, stop_token_ids=None).stop == ()
     assert SamplingParams(temperature=0).greedy and not SamplingParams(temperature=0.01).greedy
     assert make_generator(SamplingParams()) is None
+
+
+def test_logit_bias_shifts_only_its_rows_tokens():
+    logits = _logits(3)
+    params = [SamplingParams(logit_bias={7: -100, 9: 2.5}), SamplingParams(), SamplingParams(logit_bias={7: 100})]
+    out = process_logits(logits, params)
+    expected = logits.clone()
+    expected[0, 7] -= 100
+    expected[0, 9] += 2.5
+    expected[2, 7] += 100
+    assert torch.equal(out, expected)
+    assert pick_tokens(out, [SamplingParams(temperature=0)] * 3)[2] == 7  # +100 wins the argmax
+    assert dataclasses.replace(params[0], max_new_tokens=3).logit_bias == ((7, -100), (9, 2.5))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        process_logits(logits, [SamplingParams(logit_bias={V: 1.0})] * 3)
 
 
 def test_mismatched_batch_is_an_error():

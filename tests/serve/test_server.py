@@ -141,6 +141,11 @@ def test_an_image_message(client):
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 800_000}}]}]}, 413, "larger"),
     ("/v1/completions", {"model": "tiny", "prompt": [5, 6, 99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"5": 500}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"99999": 5}}, 400, "outside the vocabulary"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400, "constrained decoding"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
                               "tool_choice": "required"}, 400, "constrained decoding"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
@@ -180,6 +185,18 @@ def test_a_short_request_is_not_held_up_by_a_long_one(client):
     assert short.choices[0].finish_reason in ("stop", "length") and not long_done.is_set()
     t.join(120)
     assert long_done.is_set() and reasons == ["length"]
+
+
+def test_logit_bias_steers_the_tokens(client):
+    """OpenAI's logit_bias reaches the sampler: +100 on one token makes greedy decoding pick it every time."""
+    from herd.tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    word = tok.encode(" river")[0]
+    plain = client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
+    forced = client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0,
+                                       logit_bias={str(word): 100})
+    assert forced.choices[0].text == tok.decode([word] * 4) != plain.choices[0].text
 
 
 def test_metrics(server, client):

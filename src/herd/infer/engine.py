@@ -114,6 +114,9 @@ class Engine:
         bad = next((t for t in prompt if not 0 <= t < self.cfg.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (size {self.cfg.vocab_size})")
+        if params.logit_bias and params.logit_bias[-1][0] >= self.cfg.vocab_size:  # pairs are sorted by id
+            raise ValueError(f"logit_bias names token id {params.logit_bias[-1][0]}, outside the vocabulary "
+                             f"(size {self.cfg.vocab_size})")
         image_id = getattr(self.model.config, "image_token_index", None)
         if pixel_values is None and image_id is not None and image_id in prompt:
             raise ValueError(f"the prompt holds image placeholder tokens (id {image_id}) but no image was given")

@@ -4,7 +4,9 @@ Rows of a continuous batch belong to different requests, so every knob is a per-
 serves the whole batch. Letters: B = rows (requests) in the batch, V = vocabulary, N = top logprobs returned.
 
 Order of the processors (transformers' `generate`, and vLLM):
-  1. penalties, on the model's logits:
+  0. logit bias (OpenAI's `logit_bias`: a number in [-100, 100] added to a token's logit; -100 bans it in practice,
+     +100 all but forces it), on the model's logits, as vLLM applies it before every other processor;
+  1. penalties:
      - repetition (CTRL, Keskar et al. 2019, arXiv 1909.05858; transformers' and vLLM's form): over the prompt and the
        generated tokens, a positive logit is divided by the penalty and a negative one multiplied by it;
      - frequency and presence (OpenAI): over the generated tokens only, logit -= frequency * count + presence * seen.
@@ -29,7 +31,7 @@ Unseeded rows share one draw from torch's default generator.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +72,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    logit_bias: Mapping[int, float] | None = None  # token id -> bias in [-100, 100]
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -100,6 +103,12 @@ class SamplingParams:
               f"an int in [0, {MAX_TOP_LOGPROBS}]")
         check(self.top_logprobs == 0 or self.logprobs, "top_logprobs", "0 unless logprobs=True")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool")
+        bias = self.logit_bias or {}
+        bias = dict(bias) if isinstance(bias, tuple) else bias  # already normalised (dataclasses.replace)
+        check(isinstance(bias, Mapping) and all(_is_int(k) and k >= 0 and _is_number(v) and -100 <= v <= 100
+                                                for k, v in bias.items()), "logit_bias",
+              "a mapping of token ids >= 0 to numbers in [-100, 100]")
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))  # frozen, like stop
 
     @property
     def greedy(self) -> bool:
@@ -122,6 +131,17 @@ def token_counts(ids: Sequence[Sequence[int]], vocab_size: int, device: torch.de
     counts = torch.zeros(len(ids), vocab_size + 1, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     return counts[:, :vocab_size]  # (B, V)
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, float]]]) -> torch.Tensor:
+    """Add each row's (token id, bias) pairs to its logits; ids past the vocabulary are an error."""
+    rows = [i for i, b in enumerate(biases) for _ in b]
+    ids = [t for b in biases for t, _ in b]
+    if max(ids) >= logits.shape[-1]:
+        raise ValueError(f"logit_bias names token id {max(ids)}, outside the vocabulary (size {logits.shape[-1]})")
+    values = torch.tensor([v for b in biases for _, v in b], dtype=logits.dtype, device=logits.device)
+    return logits.index_put((torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)),
+                            values, accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]],
@@ -190,6 +210,8 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(params)} rows of params")
     B, dev = len(params), logits.device
     logits = logits.float()
+    if any(p.logit_bias for p in params):
+        logits = apply_logit_bias(logits, [p.logit_bias for p in params])
     if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
         logits = apply_penalties(
             logits, prompt_ids or [[]] * B, output_ids or [[]] * B,

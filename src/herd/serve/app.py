@@ -3,14 +3,16 @@
 
 Request and response shapes follow OpenAI's API (spec: serving-and-safety.md): SSE streaming ending in
 `data: [DONE]`, `stream_options.include_usage`, usage counts, finish_reason stop / length / tool_calls,
-`max_tokens` and `max_completion_tokens` as aliases, `n`, `seed`, `stop`, `logprobs` / `top_logprobs`, tools
-(parsed from the output by herd.tools), images as `image_url` parts (data: URLs; file paths only inside the
+`max_tokens` and `max_completion_tokens` as aliases, `n`, `seed`, `stop`, `logprobs` / `top_logprobs`, `logit_bias`,
+tools (parsed from the output by herd.tools), images as `image_url` parts (data: URLs; file paths only inside the
 operator's `media_dir`), and vLLM's extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`
 (the openai client sends them through `extra_body`). Errors use OpenAI's shape
 {"error": {"message", "type", "param", "code"}} with the matching status, and a bad request never takes the server
-down. A client that disconnects mid-stream cancels its requests. A generation that fails inside the engine answers
-500 (type "server_error"; in a stream, an error event before `data: [DONE]`) and the server goes on. A request
-cancelled by a graceful shutdown ends with finish_reason "cancelled".
+down. A `response_format` other than text, and tool_choice "required", need constrained decoding, which herd does
+not do: they get 400 rather than being silently ignored. A client that disconnects mid-stream cancels its requests.
+A generation that fails inside the engine answers 500 (type "server_error"; in a stream, an error event before
+`data: [DONE]`) and the server goes on. A request cancelled by a graceful shutdown ends with finish_reason
+"cancelled".
 """
 
 from __future__ import annotations
@@ -87,6 +89,14 @@ def sampling_params(body: dict, defaults: dict, context: int) -> tuple[SamplingP
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise APIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict) or not all(isinstance(k, str) and k.isdigit() for k in bias):
+        raise APIError(400, "logit_bias must map token ids (as strings) to numbers in [-100, 100]", "logit_bias")
+    bias = {int(k): v for k, v in bias.items()}
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise APIError(400, f"response_format {fmt!r} needs constrained decoding, which this server does not do; "
+                            "only {\"type\": \"text\"} is accepted", "response_format")
     stop_ids = body.get("stop_token_ids") or []
     if not (isinstance(stop_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids)):
         raise APIError(400, "stop_token_ids must be a list of token ids", "stop_token_ids")
@@ -99,6 +109,7 @@ def sampling_params(body: dict, defaults: dict, context: int) -> tuple[SamplingP
             frequency_penalty=_number(body, "frequency_penalty", 0.0, float, -2, 2),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0.01, 10),
             min_p=_number(body, "min_p", 0.0, float, 0, 1), ignore_eos=ignore_eos, stop_token_ids=stop_ids,
+            logit_bias=bias,
             seed=_number(body, "seed", None, int), max_new_tokens=max_tokens or context,
             stop=stop, logprobs=bool(logprobs) or top > 0, top_logprobs=top)
     except ValueError as e:
