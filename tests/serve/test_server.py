@@ -140,6 +140,9 @@ def test_an_image_message(client):
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 800_000}}]}]}, 413, "larger"),
     ("/v1/completions", {"model": "tiny", "prompt": [5, 6, 99999]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"model": "tiny", "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a", 5]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a"] * 33}, 400, "at most 32"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"5": 500}}, 400, "logit_bias"),
@@ -185,6 +188,21 @@ def test_a_short_request_is_not_held_up_by_a_long_one(client):
     assert short.choices[0].finish_reason in ("stop", "length") and not long_done.is_set()
     t.join(120)
     assert long_done.is_set() and reasons == ["length"]
+
+
+def test_a_batch_of_prompts_gets_n_choices_each_in_order(client):
+    prompts = ["The old king", "A ship in winter"]
+    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0) for p in prompts]
+    both = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=5, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert both.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    streamed = ["", "", "", ""]
+    for chunk in client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=5, temperature=0,
+                                           stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [c.text for c in both.choices]
 
 
 def test_logit_bias_steers_the_tokens(client):

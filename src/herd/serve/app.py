@@ -1,18 +1,18 @@
 """The OpenAI-compatible HTTP API over the engine (FastAPI): /v1/models, /v1/chat/completions, /v1/completions,
 /health, /metrics.
 
-Request and response shapes follow OpenAI's API (spec: serving-and-safety.md): SSE streaming ending in
-`data: [DONE]`, `stream_options.include_usage`, usage counts, finish_reason stop / length / tool_calls,
-`max_tokens` and `max_completion_tokens` as aliases, `n`, `seed`, `stop`, `logprobs` / `top_logprobs`, `logit_bias`,
-tools (parsed from the output by herd.tools), images as `image_url` parts (data: URLs; file paths only inside the
-operator's `media_dir`), and vLLM's extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`
-(the openai client sends them through `extra_body`). Errors use OpenAI's shape
-{"error": {"message", "type", "param", "code"}} with the matching status, and a bad request never takes the server
-down. A `response_format` other than text, and tool_choice "required", need constrained decoding, which herd does
-not do: they get 400 rather than being silently ignored. A client that disconnects mid-stream cancels its requests.
-A generation that fails inside the engine answers 500 (type "server_error"; in a stream, an error event before
-`data: [DONE]`) and the server goes on. A request cancelled by a graceful shutdown ends with finish_reason
-"cancelled".
+Request and response shapes follow OpenAI's API (spec: serving-and-safety.md): SSE streaming ending in `data:
+[DONE]`, `stream_options.include_usage`, usage counts, finish_reason stop / length / tool_calls, `max_tokens` and
+`max_completion_tokens` as aliases, `n`, `seed`, `stop`, `logprobs` / `top_logprobs`, `logit_bias`, a batch of
+prompts in one /v1/completions request (n choices each, in order), tools (parsed from the output by herd.tools),
+images as `image_url` parts (data: URLs; file paths only inside the operator's `media_dir`), and vLLM's extras
+`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids` (the openai client sends them through
+`extra_body`). Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with the matching status,
+and a bad request never takes the server down. A `response_format` other than text, and tool_choice "required", need
+constrained decoding, which herd does not do: they get 400 rather than being silently ignored. A client that
+disconnects mid-stream cancels its requests. A generation that fails inside the engine answers 500 (type
+"server_error"; in a stream, an error event before `data: [DONE]`) and the server goes on. A request cancelled by a
+graceful shutdown ends with finish_reason "cancelled".
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ from herd.infer.sampling import SamplingParams
 from herd.tools import ToolCallStreamParser, finish_reason, parse_tool_calls
 
 MAX_N = 8
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
 
 
 class APIError(Exception):
@@ -211,13 +216,16 @@ class Service:
             raise APIError(400, f"bad messages: {e}", "messages") from None
         return ids, batch.pixel_values if batch is not None else None, use_tools
 
-    def completion_prompt(self, body: dict) -> list[int]:
+    def completion_prompts(self, body: dict) -> list[list[int]]:
+        """`prompt`: a string, token ids, or a list of either (a batch: each gets `n` choices, in order)."""
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            return prompt
-        if not isinstance(prompt, str):
-            raise APIError(400, "prompt must be a string or a list of token ids", "prompt")
-        return [self.tok.bos_id] + self.tok.encode(prompt)
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
+            prompt = [prompt]
+        if not (isinstance(prompt, list) and 0 < len(prompt) <= MAX_PROMPTS and all(
+                isinstance(p, str) or (isinstance(p, list) and p and all(_is_id(t) for t in p)) for p in prompt)):
+            raise APIError(400, f"prompt must be a string, a list of token ids, or a list of at most {MAX_PROMPTS} "
+                                "of either", "prompt")
+        return [p if isinstance(p, list) else [self.tok.bos_id] + self.tok.encode(p) for p in prompt]
 
     def check_length(self, ids: list[int], params: SamplingParams, explicit: bool) -> SamplingParams:
         import dataclasses
@@ -303,25 +311,31 @@ def create_app(service: Service) -> FastAPI:
         params, n, explicit = sampling_params(body, svc.defaults, svc.cfg.max_position_embeddings)
         if chat:
             ids, pixels, tools = svc.chat_prompt(body)
+            prompts = [ids]
         else:
-            ids, pixels, tools = svc.completion_prompt(body), None, None
-        params = svc.check_length(ids, params, explicit)
+            prompts, pixels, tools = svc.completion_prompts(body), None, None
+        per_prompt = [svc.check_length(ids, params, explicit) for ids in prompts]
         in_flight = svc.worker.queue_length + svc.worker.running  # unfinished generations in the engine
-        if in_flight + n > svc.max_concurrent:
+        if in_flight + n * len(prompts) > svc.max_concurrent:
             raise APIError(429, f"the server is busy: {in_flight} generations in flight (at most "
                                 f"{svc.max_concurrent}); retry later", kind="rate_limit_error")
         svc.metrics.requests += 1
         t0 = time.perf_counter()
+        subs = []
         try:
-            subs = [svc.worker.submit(ids, params, pixels) for _ in range(n)]
+            for ids, p in zip(prompts, per_prompt, strict=True):
+                subs += [svc.worker.submit(ids, p, pixels) for _ in range(n)]
         except ValueError as e:  # the engine's own checks (empty prompt, context, images on a text model)
+            for r, _ in subs:
+                svc.worker.cancel(r)
             raise APIError(400, str(e)) from None
+        n_prompt = sum(len(ids) for ids in prompts)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": svc.name}
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(request, subs, head, chat, tools, usage, len(ids), t0),
+            return StreamingResponse(_stream(request, subs, head, chat, tools, usage, n_prompt, t0),
                                      media_type="text/event-stream")
         for req, queue in subs:
             if not await _collect(req, queue, request.is_disconnected):
@@ -333,7 +347,7 @@ def create_app(service: Service) -> FastAPI:
             raise APIError(500, failed.error, code="engine_error", kind="server_error")
         choices = []
         for i, (req, _) in enumerate(subs):
-            lp = _logprobs(svc.tok, req, 0, len(req.logprobs)) if params.logprobs else None
+            lp = _logprobs(svc.tok, req, 0, len(req.logprobs)) if req.params.logprobs else None
             if chat:
                 parsed = parse_tool_calls(req.text, tools) if tools else None
                 msg = {"role": "assistant", "content": parsed.content if parsed else req.text}
@@ -344,11 +358,11 @@ def create_app(service: Service) -> FastAPI:
             else:
                 choices.append({"index": i, "text": req.text, "logprobs": lp, "finish_reason": req.finish_reason})
         done = sum(len(r.output_ids) for r, _ in subs)
-        svc.metrics.prompt_tokens += len(ids)
+        svc.metrics.prompt_tokens += n_prompt
         svc.metrics.completion_tokens += done
         svc.metrics.latencies.append(time.perf_counter() - t0)
         return {**head, "choices": choices,
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done}}
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done}}
 
     async def _stream(request, subs, head, chat, tools, include_usage, n_prompt, t0):
         kind = "chat.completion.chunk" if chat else "text_completion"
