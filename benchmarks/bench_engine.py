@@ -3,7 +3,8 @@
 For batch sizes 1, 8 and 32 (`--batches`): B prompts of `--prompt-len` random tokens, greedy, `--new-tokens` new
 tokens each (EOS ignored on both sides, so both run every step).
 - time to first token: the time to produce the first token of all B requests (herd: submit B requests and step
-  until each has one token; transformers: `generate(max_new_tokens=1)`), best of `--repeats`;
+  until each has one token, i.e. one batched prefill; transformers: `generate(max_new_tokens=1)`), best of
+  `--repeats`;
 - decode tokens/s: B x (new tokens - 1) / (time for the whole generation - time to first token), best of repeats.
 Both sides load the same safetensors checkpoint in this process, float32, `--threads` torch threads. The greedy
 tokens are compared (they should be equal).
@@ -12,6 +13,18 @@ Where herd's decode step goes: a few extra decode steps run under torch.profiler
 multiplies (aten::mm / addmm / bmm: everything that reads weights) is reported as a share of the step. The step
 time minus nothing else is the bound on what cutting overhead could give with the same BLAS kernels: "ceiling
 tok/s" = B / (matmul ms per step), and "ceiling / transformers" says how far even a zero-overhead herd could get.
+
+A mixed workload (`--mixed`, 4 x B requests per batch size): prompts of 16-128 random tokens and 8-64 new tokens
+each (EOS ignored, so every request has its own known length), all arriving at once, greedy. herd's engine runs them
+with `max_batch=B` (continuous batching: a finished request's row is refilled from the queue at the next step);
+transformers runs them as `generate` does, in batches of B in arrival order, left-padded, each batch until its
+longest request is done. Reported: useful tokens (each request's own new tokens) per second of wall time, both
+sides, and whether every request's tokens are equal. This is the workload continuous batching exists for; the
+uniform table above is the one where static batching wastes nothing.
+
+The checkpoint is random: the tiny preset's decoder at hidden 256 (below), with Scout's attention temperature
+floor_scale 8192 (the tiny preset's 8 would let transformers' temperature count left padding as positions, which
+changes its padded rows' tokens; see herd.model.text).
 
 Run:  .venv/bin/python benchmarks/bench_engine.py            (a few minutes on 2 cores)
       .venv/bin/python benchmarks/bench_engine.py --quick
@@ -80,6 +93,34 @@ def hf_run(model, prompts, n) -> tuple[float, float, list]:
     return ttft, time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
 
 
+def mixed_run(ours, theirs, tok, B: int, g: torch.Generator) -> dict:
+    """4 x B requests of mixed prompt and output lengths: useful tokens/s of herd (max_batch B) and of transformers
+    (static batches of B); `same` says every request got the same tokens on both sides."""
+    n = 4 * B
+    lens = torch.randint(16, 129, (n,), generator=g).tolist()
+    outs = torch.randint(8, 65, (n,), generator=g).tolist()
+    prompts = [torch.randint(3, 900, (m,), generator=g).tolist() for m in lens]
+    t0 = time.perf_counter()
+    engine = Engine(ours, tok, max_batch=B)
+    reqs = [engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=k))
+            for p, k in zip(prompts, outs, strict=True)]
+    engine.run()
+    herd_s = time.perf_counter() - t0
+    theirs_tokens, t0 = [], time.perf_counter()
+    for i in range(0, n, B):
+        group, k = prompts[i:i + B], max(outs[i:i + B])
+        width = max(len(p) for p in group)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        out = theirs.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+        theirs_tokens += [row[width:width + m] for row, m in zip(out.tolist(), outs[i:i + B], strict=True)]
+    theirs_s = time.perf_counter() - t0
+    useful = sum(outs)
+    return {"requests": n, "useful_tokens": useful, "herd_tok_s": useful / herd_s, "transformers_tok_s":
+            useful / theirs_s, "same": [r.output_ids for r in reqs] == theirs_tokens}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", default="1,8,32")
@@ -87,15 +128,17 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the mixed-length workload (default on)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results/bench_engine.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     size = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                 intermediate_size=512, intermediate_size_mlp=1024, num_local_experts=8, vocab_size=2048,
-                attention_chunk_size=128)
+                attention_chunk_size=128, floor_scale=8192)
     if a.quick:
-        a.batches, a.new_tokens, a.repeats, size = "1,4", 8, 1, {}
+        a.batches, a.new_tokens, a.repeats, size = "1,4", 8, 1, {"floor_scale": 8192}
     cfg = herd.preset("tiny", **size)
     import transformers
     from transformers import Llama4ForCausalLM
@@ -133,12 +176,23 @@ def main(argv=None) -> int:
           "herd / transformers | matmuls in herd's step | ceiling tok/s | ceiling / transformers | same tokens |\n"
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(rows))
+    mixed = {}
+    if a.mixed:
+        for B in [int(b) for b in a.batches.split(",")]:
+            m = mixed[B] = mixed_run(ours, theirs, tok, B, g)
+            print(f"[{time.strftime('%H:%M:%S')}] mixed B={B}: herd {m['herd_tok_s']:,.0f} tok/s, transformers "
+                  f"{m['transformers_tok_s']:,.0f} tok/s", file=sys.stderr, flush=True)
+        print("\n| batch | requests | useful tokens | herd tok/s | transformers tok/s | herd / transformers | "
+              "same tokens |\n|---:|---:|---:|---:|---:|---:|---|")
+        for B, m in mixed.items():
+            print(f"| {B} | {m['requests']} | {m['useful_tokens']:,} | {m['herd_tok_s']:,.0f} | "
+                  f"{m['transformers_tok_s']:,.0f} | {m['herd_tok_s'] / m['transformers_tok_s']:.2f}x | {m['same']} |")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": a.threads,
                                "torch": torch.__version__, "transformers": transformers.__version__,
                                "config": size or "tiny", "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-                               "results": results}, indent=1))
+                               "results": results, "mixed": mixed}, indent=1))
     return 0
 
 

@@ -81,6 +81,20 @@ def test_batching_and_joining_change_nothing(tok):
     assert engine.cache is None and not engine.running  # everything finished and freed
 
 
+@pytest.mark.parametrize("prefill_tokens", [4096, 100])  # one group of four; groups split by the token budget
+def test_prompts_prefilled_together_equal_each_alone(tok, prefill_tokens):
+    """Waiting requests are prefilled as one left-padded batch in pieces: with pieces of 16 positions the short
+    prompts' first pieces are all padding, and the chunk rule, RoPE and temperature must still follow each row."""
+    # temperature scaling from position 3 on, and a NoPE layer (3) with layers after it: real positions matter
+    cfg = herd.preset("tiny", floor_scale=4, num_hidden_layers=8, initializer_range=0.2)  # sharp attention
+    model = herd.build_model(cfg, seed=14)
+    prompts = _prompts(cfg, [3, 40, 17, 90], seed=14)
+    params = SamplingParams(max_new_tokens=24, **GREEDY)
+    alone = [Engine(model, tok).generate([p], params)[0].output_ids for p in prompts]
+    engine = Engine(model, tok, prefill_chunk=16, prefill_tokens=prefill_tokens)
+    assert [r.output_ids for r in engine.generate(prompts, params)] == alone
+
+
 def test_chunked_layers_stay_bounded_on_a_long_generation(tok):
     cfg = herd.preset("tiny")
     engine = Engine(herd.build_model(cfg, seed=8), tok)

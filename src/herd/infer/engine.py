@@ -1,10 +1,12 @@
 """The inference engine: token ids in, token ids (and text) out, many requests at once. Knows nothing of HTTP.
 
 Continuous batching: requests join and leave one running batch between decode steps.
-- A new request is prefilled alone, in pieces of `prefill_chunk` tokens (a long prompt never needs one huge
-  attention), into a cache of its own; its images are encoded once, with the prompt (a prompt with images is
-  prefilled in one piece, since an image's tokens must arrive together). Its first token is sampled from that pass.
-- It then joins the batch: its cache is merged into the batch's by left padding (herd.model.cache.KVCache rows share
+- Requests waiting when a step begins are prefilled together, as one left-padded batch (up to `prefill_tokens`
+  padded positions; vLLM and transformers' `generate` also prefill many prompts in one pass, which keeps the matrix
+  multiplies large), in pieces of `prefill_chunk` positions (a long prompt never needs one huge attention), into a
+  cache of their own. A prompt with images is prefilled alone and in one piece (an image's tokens must arrive
+  together); its images are encoded once. Each request's first token is sampled from that pass.
+- They then join the batch: their cache is merged into the batch's by left padding (herd.model.cache.KVCache rows share
   one length). Chunked (RoPE) layers keep at most `attention_chunk_size - 1` positions per row, global (NoPE) layers
   the whole context, so memory is the two-tier cost of herd.model.cache.
 - A left-padded row computes what it computes alone: RoPE gets each row's real positions (`position_ids`), the chunk
@@ -16,7 +18,7 @@ Continuous batching: requests join and leave one running batch between decode st
   Finished or cancelled rows leave the batch at once (their cache rows are dropped) and the shared left padding the
   batch no longer needs is trimmed. Ids the tokenizer lacks (a padded model vocabulary) and a multimodal model's
   image placeholder are never sampled: a generated `<|patch|>` would have no image feature behind it.
-- A request whose input fails in the model while it is admitted (say, image placeholders without images) ends alone
+- A request whose input fails in the model while it is admitted (its group is then retried one by one) ends alone
   with finish_reason "error" and its message in `req.error`; the batch goes on. `fail_all` ends everything (a server
   calls it when a step itself raised).
 
@@ -75,10 +77,10 @@ def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 32, prefill_chunk: int = 512):
+    def __init__(self, model, tokenizer, max_batch: int = 32, prefill_chunk: int = 512, prefill_tokens: int = 4096):
         self.model, self.tok = model.eval(), tokenizer
         self.cfg = getattr(model.config, "text_config", model.config)
-        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.max_batch, self.prefill_chunk, self.prefill_tokens = max_batch, prefill_chunk, prefill_tokens
         self.device = next(model.parameters()).device
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # row r of the batch cache is running[r]
@@ -178,27 +180,59 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         """Admit waiting requests (prefill + first token), then one decode step for every running row."""
-        while self.waiting and len(self.running) < self.max_batch:
+        group: list[Request] = []
+        while self.waiting and len(self.running) + len(group) < self.max_batch:
             req = self.waiting.popleft()
-            try:
-                self._admit(req)
-            except (ValueError, RuntimeError) as e:  # this request's own input failed in the model: only it ends
-                if req in self.running:  # it failed after joining the batch: the batch's state is unknown
-                    raise
-                self._fail(req, f"{type(e).__name__}: {e}")
+            if req.pixel_values is not None:  # an image prompt is prefilled alone, in one piece
+                self._try_admit([req])
+                continue
+            width = max([len(req.prompt_ids)] + [len(q.prompt_ids) for q in group])
+            if group and width * (len(group) + 1) > self.prefill_tokens:  # the padded batch would be too big
+                self._try_admit(group)
+                group = []
+            group.append(req)
+        if group:
+            self._try_admit(group)
         if self.running:
             self._decode()
 
-    def _admit(self, req: Request) -> None:
-        cache, ids = KVCache(self.cfg), torch.tensor([req.prompt_ids], device=self.device)
-        piece = ids.shape[1] if req.pixel_values is not None else self.prefill_chunk
-        for start in range(0, ids.shape[1], piece):
-            extra = {"pixel_values": req.pixel_values.to(self.device)} if req.pixel_values is not None else {}
-            logits = self.model(ids[:, start:start + piece], cache=cache, logits_to_keep=1, **extra)
-        self._merge(cache, len(req.prompt_ids))
-        self.running.append(req)
-        self.next_ids.append(-1)
-        self._sample(logits[:, -1], [len(self.running) - 1])
+    def _try_admit(self, reqs: list[Request]) -> None:
+        """Admit `reqs` together; if their prefill fails, each alone, so that only a request whose own input fails
+        in the model ends (with "error"); a failure after joining the batch leaves its state unknown: raise."""
+        try:
+            self._admit(reqs)
+        except (ValueError, RuntimeError) as e:
+            if any(q in self.running for q in reqs):
+                raise
+            if len(reqs) > 1:
+                for q in reqs:
+                    self._try_admit([q])
+            else:
+                self._fail(reqs[0], f"{type(e).__name__}: {e}")
+
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefill `reqs` as one left-padded batch (in pieces of `prefill_chunk` positions, each row at its real
+        positions) into a cache of their own, merge it into the batch, sample their first tokens."""
+        lens = [len(q.prompt_ids) for q in reqs]
+        W = max(lens)
+        ids = torch.tensor([[0] * (W - n) + q.prompt_ids for q, n in zip(reqs, lens, strict=True)],
+                           device=self.device)  # (k, W)
+        mask = torch.arange(W, device=self.device)[None, :] >= torch.tensor([W - n for n in lens],
+                                                                            device=self.device)[:, None]  # (k, W)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (k, W) real positions (0 on the padding)
+        pixels = reqs[0].pixel_values
+        piece = W if pixels is not None else self.prefill_chunk
+        cache = KVCache(self.cfg)
+        for a in range(0, W, piece):
+            b = min(W, a + piece)
+            extra = {"pixel_values": pixels.to(self.device)} if pixels is not None else {}
+            logits = self.model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b],
+                                temperature_positions=pos[:, a:b], cache=cache, logits_to_keep=1, **extra)
+        self._merge(cache, mask, lens)
+        first = len(self.running)
+        self.running += reqs
+        self.next_ids += [-1] * len(reqs)
+        self._sample(logits[:, -1], list(range(first, first + len(reqs))))
 
     def _decode(self) -> None:
         R = len(self.running)
@@ -247,11 +281,11 @@ class Engine:
                 q.on_delta(q, delta)
 
     # ---- the batch cache -------------------------------------------------------------------------------------------
-    def _merge(self, new: KVCache, n: int) -> None:
-        """Append a prefilled one-row cache (n real positions) to the batch, left-padding whichever is shorter."""
-        new_mask = torch.ones(1, n, dtype=torch.bool, device=self.device)
+    def _merge(self, new: KVCache, new_mask: torch.Tensor, lens: list[int]) -> None:
+        """Append a prefilled cache (rows with padding mask `new_mask` (k, W) and `lens` real positions) to the batch,
+        left-padding whichever is shorter."""
         if self.cache is None:
-            self.cache, self.mask, self.lengths = new, new_mask, [n]
+            self.cache, self.mask, self.lengths = new, new_mask, list(lens)
             return
         old, S = self.cache, max(self.cache.seen, new.seen)
         for i in range(len(old.k)):
@@ -259,9 +293,10 @@ class Engine:
             keep = min(S, old.chunk - 1) if old.chunked[i] else S
             old.put(i, torch.cat([_left_pad(a, keep - a.shape[2]), _left_pad(b, keep - b.shape[2])]),
                     torch.cat([_left_pad(av, keep - av.shape[2]), _left_pad(bv, keep - bv.shape[2])]))
-        self.mask = torch.cat([F.pad(self.mask, (S - self.mask.shape[1], 0)), F.pad(new_mask, (S - n, 0))])
+        self.mask = torch.cat([F.pad(self.mask, (S - self.mask.shape[1], 0)),
+                               F.pad(new_mask, (S - new_mask.shape[1], 0))])
         old.seen = S
-        self.lengths.append(n)
+        self.lengths += lens
 
     def _drop(self, keep: list[int]) -> None:
         """Keep only batch rows `keep`, then trim the left padding every remaining row has."""
