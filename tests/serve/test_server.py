@@ -223,6 +223,32 @@ def test_metrics(server, client):
     assert "herd_requests_total" in text and "herd_completion_tokens_total" in text and "quantile=" in text
 
 
+def _in_engine(server) -> int:
+    text = urllib.request.urlopen(f"{server}/metrics", timeout=10).read().decode()
+    gauges = dict(line.split() for line in text.splitlines() if line.startswith(("herd_queue", "herd_running")))
+    return int(gauges["herd_queue_length"]) + int(gauges["herd_running_requests"])
+
+
+def test_a_client_that_leaves_mid_stream_cancels_its_generation(server):
+    """3000 tokens would take many seconds; once the client closes the connection the engine lets go of it at once."""
+    import http.client
+    import time
+
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "go on", "max_tokens": 3000,
+                                                        "stream": True, "ignore_eos": True}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")  # it is generating
+    assert _in_engine(server) == 1
+    conn.close()  # the client leaves
+    deadline = time.monotonic() + 10
+    while _in_engine(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _in_engine(server) == 0, "the generation went on after its client left"
+
+
 def test_eight_concurrent_streams_equal_their_requests_alone(client):
     """Batching must not change results: each concurrent greedy stream equals the same request sent alone."""
     from concurrent.futures import ThreadPoolExecutor
