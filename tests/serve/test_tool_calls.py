@@ -114,6 +114,8 @@ def _streamed(client, question: str) -> tuple[str, list[dict], list[str]]:
     for chunk in _ask(client, question, stream=True):
         for choice in chunk.choices:
             content += choice.delta.content or ""
+            if choice.delta.tool_calls:  # as OpenAI: no empty-string content beside tool-call deltas
+                assert choice.delta.content is None or choice.delta.content.strip()
             for d in choice.delta.tool_calls or []:
                 call = calls.setdefault(d.index, {"id": "", "type": "", "name": "", "arguments": ""})
                 call["id"] += d.id or ""

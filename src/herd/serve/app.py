@@ -404,8 +404,8 @@ def create_app(service: Service) -> FastAPI:
                             delta, calls = delta + end.content, end.tool_calls
                     if delta or lp or calls:
                         d = {"content": delta} if chat else None
-                        if calls:
-                            d["tool_calls"] = calls
+                        if calls:  # OpenAI sends content null beside tool-call deltas
+                            d = {"content": delta or None, "tool_calls": calls}
                         choice = {"index": i, "delta": d} if chat else {"index": i, "text": delta}
                         yield event([{**choice, "logprobs": lp, "finish_reason": None}])
                     if finished and req.finish_reason == "error":  # OpenAI's clients raise on an error event
