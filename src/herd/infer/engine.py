@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from herd.infer.sampling import SamplingParams, make_generator, sample
+from herd.infer.sampling import SamplingParams, make_generator, never_sampled, sample
 from herd.infer.stops import StopChecker
 from herd.model.cache import KVCache
 
@@ -90,15 +90,7 @@ class Engine:
         self.next_ids: list[int] = []  # each row's token not yet fed to the model
         self._ids = itertools.count()
         self._sampling = False  # inside _sample: a cancel from a callback only marks the request
-        # Never sampled: ids past the tokenizer's vocabulary (padded model vocabularies), and a multimodal model's
-        # image placeholder, which stands for an image feature that a generated token would not have.
-        V = self.cfg.vocab_size
-        self.banned = torch.zeros(V, dtype=torch.bool, device=self.device)
-        self.banned[min(tokenizer.vocab_size, V):] = True
-        image_id = getattr(model.config, "image_token_index", None)
-        if image_id is not None and image_id < V:
-            self.banned[image_id] = True
-        self.banned = self.banned if bool(self.banned.any()) else None
+        self.banned = never_sampled(model, tokenizer.vocab_size, self.device)  # (V,) or None
 
     # ---- requests --------------------------------------------------------------------------------------------------
     def request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from herd.infer.sampling import never_sampled
+
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None,
@@ -32,18 +34,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _banned(model, vocab_limit: int | None, device) -> torch.Tensor | None:
-    """(V,) True for ids never to sample: past `vocab_limit`, and the image placeholder of a multimodal model."""
-    V = getattr(model.config, "text_config", model.config).vocab_size
-    banned = torch.zeros(V, dtype=torch.bool, device=device)
-    if vocab_limit is not None:
-        banned[vocab_limit:] = True
-    image_id = getattr(model.config, "image_token_index", None)
-    if image_id is not None and image_id < V:
-        banned[image_id] = True
-    return banned if bool(banned.any()) else None
 
 
 @torch.no_grad()
@@ -69,7 +59,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device).long()
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    banned = _banned(model, vocab_limit, device)
+    banned = never_sampled(model, vocab_limit, device)
     cache = KVCache(getattr(model.config, "text_config", model.config)) if use_cache else None
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
     step_ids, step_pos = ids, pos

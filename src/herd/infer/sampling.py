@@ -115,6 +115,20 @@ class SamplingParams:
         return self.temperature < GREEDY_EPS
 
 
+def never_sampled(model, vocab_limit: int | None, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """(V,) True for the ids no request may sample, or None: ids from `vocab_limit` on (a model vocabulary padded
+    past its tokenizer's: the tokenizer could not decode them), and a multimodal model's image placeholder, which
+    stands for an image feature that a generated token would not have."""
+    V = getattr(model.config, "text_config", model.config).vocab_size
+    banned = torch.zeros(V, dtype=torch.bool, device=device)
+    if vocab_limit is not None:
+        banned[vocab_limit:] = True
+    image_id = getattr(model.config, "image_token_index", None)
+    if image_id is not None and image_id < V:
+        banned[image_id] = True
+    return banned if bool(banned.any()) else None
+
+
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
     """The request's own random stream when it has a seed (create once per request, on the logits' device)."""
     if params.seed is None:
