@@ -170,7 +170,8 @@ def test_a_finish_seen_before_its_last_deltas_loses_no_text():
     from types import SimpleNamespace
 
     from herd.config import preset
-    from herd.serve.app import Service, create_app
+    from herd.serve.app import create_app
+    from herd.serve.service import Service
     from herd.tokenizer import tiny_tokenizer
 
     text = 'Sure. [get_weather(city="Paris")]'
@@ -219,13 +220,13 @@ def test_a_finish_seen_before_its_last_deltas_loses_no_text():
 
 
 def test_tool_choice_picks_what_the_prompt_shows():
-    from herd.serve.app import APIError, _tools_for
+    from herd.serve.service import APIError, tools_for
 
     weather, time_ = ({"type": "function", "function": {"name": n, "parameters": {}}}
                       for n in ("get_weather", "get_time"))
-    assert _tools_for(None, [weather, time_]) == _tools_for("auto", [weather, time_]) == [weather, time_]
-    assert _tools_for("none", [weather]) is None and _tools_for(None, []) is None
-    assert _tools_for({"type": "function", "function": {"name": "get_time"}}, [weather, time_]) == [time_]
+    assert tools_for(None, [weather, time_]) == tools_for("auto", [weather, time_]) == [weather, time_]
+    assert tools_for("none", [weather]) is None and tools_for(None, []) is None
+    assert tools_for({"type": "function", "function": {"name": "get_time"}}, [weather, time_]) == [time_]
     for bad in ("required", "always", {"type": "function"}, {"type": "function", "function": {"name": "rm"}}):
         with pytest.raises(APIError):
-            _tools_for(bad, [weather, time_])
+            tools_for(bad, [weather, time_])

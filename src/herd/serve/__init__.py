@@ -12,7 +12,7 @@ def build_service(model_dir: str, name: str | None = None, dtype=None, max_batch
     """Load a checkpoint with its tokenizer and generation defaults, start the engine thread; returns a Service."""
     from herd.checkpoint import from_pretrained
     from herd.infer.engine import Engine
-    from herd.serve.app import Service
+    from herd.serve.service import Service
     from herd.serve.worker import EngineWorker
     from herd.tokenizer import Tokenizer
 
