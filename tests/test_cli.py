@@ -113,3 +113,29 @@ def test_chat_answers_come_from_the_engine(ckpt):
     alone = Engine(model, tok).generate([ids], _params(session.settings))[0]
     assert answer and answer == alone.text and out.getvalue() == answer + "\n"
     assert session.messages[-1] == {"role": "assistant", "content": answer}
+
+
+def test_ctrl_c_stops_a_chat_answer_and_keeps_what_came(ckpt):
+    """Ctrl-C while an answer streams: the request is cancelled, the partial answer stays in the conversation."""
+    import io
+
+    from herd.checkpoint import from_pretrained
+    from herd.terminal_chat import Session, reply
+    from herd.tokenizer import Tokenizer
+
+    class CtrlCAfter(io.StringIO):  # the terminal: the user presses Ctrl-C once, on the third piece of text
+        writes = 0
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    model, tok = from_pretrained(ckpt).eval(), Tokenizer.from_pretrained(ckpt)
+    session, out = Session(), CtrlCAfter()
+    session.settings.update(max_new_tokens=200, temperature=1.0, seed=1)
+    answer = reply(model, tok, session, "tell me a long story", out=out)
+    assert out.getvalue().endswith(" (stopped)\n")
+    assert session.messages[-1] == {"role": "assistant", "content": answer}
+    assert answer and answer == out.getvalue().removesuffix(" (stopped)\n")  # what was shown is what is kept

@@ -117,14 +117,18 @@ def reply(model, tok, session: Session, text: str, out=sys.stdout) -> str:
     if len(ids) + params.max_new_tokens > limit:
         raise ValueError(f"the conversation is {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} it "
                          f"exceeds the model's {limit}: /reset, or /set max_new_tokens=...")
-    engine = Engine(model, tok, max_batch=1)
-    req = engine.submit(ids, params, batch.pixel_values if batch is not None else None,
-                        on_delta=lambda _, delta: print(delta, end="", file=out, flush=True))
+    engine, shown = Engine(model, tok, max_batch=1), []
+
+    def show(_, delta: str) -> None:
+        print(delta, end="", file=out, flush=True)
+        shown.append(delta)
+
+    req = engine.submit(ids, params, batch.pixel_values if batch is not None else None, on_delta=show)
     try:
         engine.run()
-    except KeyboardInterrupt:  # stop this answer, keep what was said
+    except KeyboardInterrupt:  # stop this answer and keep what was generated, all of it shown
         engine.cancel(req)
-        print(" (stopped)", end="", file=out)
+        print(req.text[len("".join(shown)):] + " (stopped)", end="", file=out)
     print(file=out, flush=True)
     session.messages += [user, {"role": "assistant", "content": req.text}]
     session.pending_images.clear()
