@@ -249,6 +249,72 @@ def test_a_client_that_leaves_mid_stream_cancels_its_generation(server):
     assert _in_engine(server) == 0, "the generation went on after its client left"
 
 
+def test_a_storm_of_mixed_requests_leaves_the_server_healthy(server):
+    """8 clients for a few seconds: chat and completions, streamed or not, n = 2, batches of prompts, stop strings,
+    logprobs, images, bad values, and clients that leave mid-stream. No 5xx and no error event; afterwards nothing is
+    left in the engine and a plain request is served."""
+    import base64
+    import http.client
+    import random
+    import threading
+    import time
+
+    host, port = server.removeprefix("http://").split(":")
+    url = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
+    problems, stop = [], threading.Event()
+
+    def client(seed):
+        rng = random.Random(seed)
+        while not stop.is_set():
+            body = {"model": "tiny", "max_tokens": rng.randint(1, 40), "temperature": rng.choice([0, 0.8]),
+                    "seed": rng.randint(0, 3), "n": rng.choice([1, 2]), "stream": rng.random() < 0.6}
+            if rng.random() < 0.5:
+                path = "/v1/chat/completions"
+                text = {"type": "text", "text": "word " * rng.randint(1, 60)}
+                body["messages"] = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                                  text] if rng.random() < 0.15 else text["text"]}]
+                body["logprobs"] = rng.random() < 0.2
+            else:
+                path = "/v1/completions"
+                body["prompt"] = rng.choice(["x " * rng.randint(1, 80), [5, 6, 7] * rng.randint(1, 20), ["a", "b c"]])
+            if rng.random() < 0.2:
+                body["stop"] = ["the", "a"]
+            if rng.random() < 0.1:
+                body["temperature"] = 9  # refused with 400
+            conn = http.client.HTTPConnection(host, int(port), timeout=120)
+            try:
+                conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                if resp.status not in (200, 400):
+                    problems.append((resp.status, resp.read()[:200]))
+                elif body["stream"] and resp.status == 200:
+                    leave_after = rng.randint(1, 8) if rng.random() < 0.3 else None
+                    for n, line in enumerate(resp):
+                        if line.startswith(b'data: {"error'):
+                            problems.append(line[:200])
+                        if leave_after is not None and n >= leave_after:
+                            break  # the client leaves
+                else:
+                    resp.read()
+            finally:
+                conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(6)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert not problems, problems[:5]
+    deadline = time.monotonic() + 10
+    while _in_engine(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _in_engine(server) == 0
+    code, out = _post(server, "/v1/completions", {"model": "tiny", "prompt": "still there?", "max_tokens": 3})
+    assert code == 200 and out["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 def test_eight_concurrent_streams_equal_their_requests_alone(client):
     """Batching must not change results: each concurrent greedy stream equals the same request sent alone."""
     from concurrent.futures import ThreadPoolExecutor
