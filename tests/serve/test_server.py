@@ -83,8 +83,10 @@ def test_completions_seed_stop_n_and_logprobs(client):
     kw = dict(model="tiny", prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=7)
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert a.choices[0].text == b.choices[0].text  # the same seed, the same tokens
-    many = client.completions.create(**{**kw, "seed": None}, n=3)
-    assert [c.index for c in many.choices] == [0, 1, 2]
+    many = client.completions.create(**kw, n=3)  # choice i draws with seed 7 + i, as in vLLM
+    assert [c.index for c in many.choices] == [0, 1, 2] and many.choices[0].text == a.choices[0].text
+    assert len({c.text for c in many.choices}) == 3  # n different answers, not one answer n times
+    assert many.choices[2].text == client.completions.create(**{**kw, "seed": 9}).choices[0].text
     greedy = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0)
     text = greedy.choices[0].text
     if len(text) > 6:

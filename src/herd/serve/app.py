@@ -18,6 +18,7 @@ graceful shutdown ends with finish_reason "cancelled".
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -115,7 +116,9 @@ def create_app(service: Service) -> FastAPI:
         subs = []
         try:
             for ids, p in zip(prompts, per_prompt, strict=True):
-                subs += [svc.worker.submit(ids, p, pixels) for _ in range(n)]
+                # choice i of a seeded request draws with seed + i (vLLM's rule): n different, reproducible answers
+                subs += [svc.worker.submit(ids, p if p.seed is None else dataclasses.replace(p, seed=p.seed + i),
+                                           pixels) for i in range(n)]
         except ValueError as e:  # the engine's own checks (empty prompt, context, images on a text model)
             for r, _ in subs:
                 svc.worker.cancel(r)
