@@ -93,6 +93,17 @@ def test_completions_seed_stop_n_and_logprobs(client):
         cut = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0,
                                         stop=[text[3:6]])
         assert cut.choices[0].text == text[:text.index(text[3:6])] and cut.choices[0].finish_reason == "stop"
+    legacy = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                       logprobs=2, extra_body={"ignore_eos": True})
+    cl = legacy.choices[0].logprobs  # the completions API's own columns
+    assert len(cl.tokens) == len(cl.token_logprobs) == len(cl.top_logprobs) == len(cl.text_offset) == 6
+    assert all(v <= 0 for v in cl.token_logprobs) and all(1 <= len(d) <= 2 for d in cl.top_logprobs)
+    assert cl.text_offset[0] == 0 and cl.text_offset[1] == len(cl.tokens[0])
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0, logprobs=2, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == cl.tokens
+    assert [o for s in streamed for o in s.text_offset] == cl.text_offset
     lp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                         temperature=0, logprobs=True, top_logprobs=2)
     items = lp.choices[0].logprobs.content
@@ -146,6 +157,9 @@ def test_an_image_message(client):
     ("/v1/completions", {"model": "tiny", "prompt": ["a", 5]}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": ["a"] * 33}, 400, "at most 32"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": 3}, 400,
+     "logprobs"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"5": 500}}, 400, "logit_bias"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"99999": 5}}, 400, "outside the vocabulary"),

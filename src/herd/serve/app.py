@@ -3,16 +3,16 @@
 
 Request and response shapes follow OpenAI's API (spec: serving-and-safety.md): SSE streaming ending in `data:
 [DONE]`, `stream_options.include_usage`, usage counts, finish_reason stop / length / tool_calls, `max_tokens` and
-`max_completion_tokens` as aliases, `n`, `seed`, `stop`, `logprobs` / `top_logprobs`, `logit_bias`, a batch of
-prompts in one /v1/completions request (n choices each, in order), tools (parsed from the output by herd.tools),
-images as `image_url` parts (data: URLs; file paths only inside the operator's `media_dir`), and vLLM's extras
-`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids` (the openai client sends them through
-`extra_body`). Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with the matching status,
-and a bad request never takes the server down. A `response_format` other than text, and tool_choice "required", need
-constrained decoding, which herd does not do: they get 400 rather than being silently ignored. A client that
-disconnects mid-stream cancels its requests. A generation that fails inside the engine answers 500 (type
-"server_error"; in a stream, an error event before `data: [DONE]`) and the server goes on. A request cancelled by a
-graceful shutdown ends with finish_reason "cancelled".
+`max_completion_tokens` as aliases, `n`, `seed`, `stop`, `logprobs` / `top_logprobs` (the completions API:
+`logprobs` N and its legacy columns), `logit_bias`, a batch of prompts in one /v1/completions request (n choices
+each, in order), tools (parsed from the output by herd.tools), images as `image_url` parts (data: URLs; file paths
+only inside the operator's `media_dir`), and vLLM's extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`stop_token_ids` (the openai client sends them through `extra_body`). Errors use OpenAI's shape {"error":
+{"message", "type", "param", "code"}} with the matching status, and a bad request never takes the server down. A
+`response_format` other than text, and tool_choice "required", need constrained decoding, which herd does not do:
+they get 400 rather than being silently ignored. A client that disconnects mid-stream cancels its requests. A
+generation that fails inside the engine answers 500 (type "server_error"; in a stream, an error event before `data:
+[DONE]`) and the server goes on. A request cancelled by a graceful shutdown ends with finish_reason "cancelled".
 """
 
 from __future__ import annotations
@@ -31,12 +31,18 @@ from herd.serve.service import APIError, Service, sampling_params
 from herd.tools import ToolCallStreamParser, finish_reason, parse_tool_calls
 
 
-def _logprobs(tok, req, start: int, end: int) -> dict:
-    items = []
-    for lp in req.logprobs[start:end]:
-        items.append({"token": tok.decode([lp["token"]]), "logprob": lp["logprob"], "bytes": None,
-                      "top_logprobs": [{"token": tok.decode([t]), "logprob": v, "bytes": None} for t, v in lp["top"]]})
-    return {"content": items}
+def _logprobs(tok, req, start: int, end: int, chat: bool, offset: int = 0) -> dict:
+    """Tokens start..end of a request's logprobs in OpenAI's shape: chat's `content` list, or the completions API's
+    legacy columns (`text_offset` counts characters of the completion from `offset`)."""
+    items = req.logprobs[start:end]
+    if chat:
+        return {"content": [{"token": tok.decode([lp["token"]]), "logprob": lp["logprob"], "bytes": None,
+                             "top_logprobs": [{"token": tok.decode([t]), "logprob": v, "bytes": None}
+                                              for t, v in lp["top"]]} for lp in items]}
+    tokens = [tok.decode([lp["token"]]) for lp in items]
+    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in items],
+            "top_logprobs": [{tok.decode([t]): v for t, v in lp["top"]} for lp in items], "text_offset": offsets}
 
 
 async def _collect(req, queue, is_disconnected=None):
@@ -100,7 +106,7 @@ def create_app(service: Service) -> FastAPI:
 
     async def run(request: Request, body: dict, chat: bool):
         svc._check_model(body)
-        params, n, explicit = sampling_params(body, svc.defaults, svc.cfg.max_position_embeddings)
+        params, n, explicit = sampling_params(body, svc.defaults, svc.cfg.max_position_embeddings, chat)
         if chat:
             ids, pixels, tools = svc.chat_prompt(body)
             prompts = [ids]
@@ -141,7 +147,7 @@ def create_app(service: Service) -> FastAPI:
             raise APIError(500, failed.error, code="engine_error", kind="server_error")
         choices = []
         for i, (req, _) in enumerate(subs):
-            lp = _logprobs(svc.tok, req, 0, len(req.logprobs)) if req.params.logprobs else None
+            lp = _logprobs(svc.tok, req, 0, len(req.logprobs), chat) if req.params.logprobs else None
             if chat:
                 parsed = parse_tool_calls(req.text, tools) if tools else None
                 msg = {"role": "assistant", "content": parsed.content if parsed else req.text}
@@ -167,6 +173,7 @@ def create_app(service: Service) -> FastAPI:
         parsers = [ToolCallStreamParser(tools) if tools else None for _ in subs]
         sent = [0] * len(subs)
         fed = [0] * len(subs)  # characters of each request's text passed on so far
+        offs = [0] * len(subs)  # characters of the tokens whose logprobs were sent (the completions API's offsets)
         if chat:
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                          for i in range(len(subs))])
@@ -187,7 +194,10 @@ def create_app(service: Service) -> FastAPI:
                         # from the request's final text, or it would be lost.
                         delta = req.text[fed[i]:]
                     fed[i] += len(delta)
-                    lp = _logprobs(svc.tok, req, sent[i], len(req.logprobs)) if req.params.logprobs else None
+                    lp = None
+                    if req.params.logprobs:
+                        lp = _logprobs(svc.tok, req, sent[i], len(req.logprobs), chat, offs[i])
+                        offs[i] += 0 if chat else sum(len(t) for t in lp["tokens"])
                     sent[i] = len(req.logprobs)
                     calls = []
                     if parsers[i] is not None:

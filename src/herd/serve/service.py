@@ -64,7 +64,7 @@ def _number(body: dict, key: str, default, kind=float, lo=None, hi=None):
     return v
 
 
-def sampling_params(body: dict, defaults: dict, context: int) -> tuple[SamplingParams, int, bool]:
+def sampling_params(body: dict, defaults: dict, context: int, chat: bool = True) -> tuple[SamplingParams, int, bool]:
     """SamplingParams, n, and whether max_tokens was given, from an OpenAI request body (400 for a bad value).
     Without max_tokens a request may generate up to the end of the context (check_length fits it)."""
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -73,8 +73,14 @@ def sampling_params(body: dict, defaults: dict, context: int) -> tuple[SamplingP
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and
                                                              all(isinstance(s, str) for s in stop))):
         raise APIError(400, "stop must be a string or a list of strings", "stop")
-    logprobs = body.get("logprobs") or False
-    top = _number(body, "top_logprobs", 0, int, 0, 20)
+    if chat:  # chat: logprobs true/false, top_logprobs 0-20
+        logprobs = body.get("logprobs") or False
+        if not isinstance(logprobs, bool):
+            raise APIError(400, f"logprobs must be true or false, got {logprobs!r}", "logprobs")
+        top = _number(body, "top_logprobs", 0, int, 0, 20)
+    else:  # the legacy completions API: logprobs is the number of alternatives (0-5 at OpenAI; vLLM allows 20)
+        top = _number(body, "logprobs", None, int, 0, 20)
+        logprobs, top = top is not None, top or 0
     # vLLM's extensions to the OpenAI body, which clients send through `extra_body`
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
@@ -101,7 +107,7 @@ def sampling_params(body: dict, defaults: dict, context: int) -> tuple[SamplingP
             min_p=_number(body, "min_p", 0.0, float, 0, 1), ignore_eos=ignore_eos, stop_token_ids=stop_ids,
             logit_bias=bias,
             seed=_number(body, "seed", None, int), max_new_tokens=max_tokens or context,
-            stop=stop, logprobs=bool(logprobs) or top > 0, top_logprobs=top)
+            stop=stop, logprobs=logprobs or top > 0, top_logprobs=top)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     return params, _number(body, "n", 1, int, 1, MAX_N), max_tokens is not None
