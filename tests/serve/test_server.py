@@ -158,6 +158,9 @@ def test_an_image_message(client):
     ("/v1/completions", {"model": "tiny", "prompt": ["a"] * 33}, 400, "at most 32"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": 3}, 400,
      "logprobs"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
@@ -219,6 +222,15 @@ def test_a_batch_of_prompts_gets_n_choices_each_in_order(client):
         for c in chunk.choices:
             streamed[c.index] += c.text
     assert streamed == [c.text for c in both.choices]
+
+
+def test_echo_puts_the_prompt_first(client):
+    kw = dict(model="tiny", max_tokens=4, temperature=0)
+    plain = client.completions.create(prompt="The old king", **kw).choices[0].text
+    assert client.completions.create(prompt="The old king", echo=True, **kw).choices[0].text == "The old king" + plain
+    streamed = "".join(c.choices[0].text for c in client.completions.create(prompt="The old king", echo=True,
+                                                                            stream=True, **kw) if c.choices)
+    assert streamed == "The old king" + plain
 
 
 def test_logit_bias_steers_the_tokens(client):

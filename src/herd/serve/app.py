@@ -112,6 +112,7 @@ def create_app(service: Service) -> FastAPI:
             prompts = [ids]
         else:
             prompts, pixels, tools = svc.completion_prompts(body), None, None
+        echoes = None if chat else svc.echoes(body)  # per prompt; choice j belongs to prompt j // n
         per_prompt = [svc.check_length(ids, params, explicit) for ids in prompts]
         in_flight = svc.worker.queue_length + svc.worker.running  # unfinished generations in the engine
         if in_flight + n * len(prompts) > svc.max_concurrent:
@@ -135,7 +136,8 @@ def create_app(service: Service) -> FastAPI:
                 "model": svc.name}
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(request, subs, head, chat, tools, usage, n_prompt, t0),
+            heads = [echoes[j // n] for j in range(len(subs))] if echoes else None
+            return StreamingResponse(_stream(request, subs, head, chat, tools, usage, n_prompt, t0, heads),
                                      media_type="text/event-stream")
         for req, queue in subs:
             if not await _collect(req, queue, request.is_disconnected):
@@ -156,7 +158,8 @@ def create_app(service: Service) -> FastAPI:
                 reason = finish_reason(parsed, req.finish_reason) if parsed else req.finish_reason
                 choices.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": reason})
             else:
-                choices.append({"index": i, "text": req.text, "logprobs": lp, "finish_reason": req.finish_reason})
+                text = (echoes[i // n] if echoes else "") + req.text
+                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": req.finish_reason})
         done = sum(len(r.output_ids) for r, _ in subs)
         svc.metrics.prompt_tokens += n_prompt
         svc.metrics.completion_tokens += done
@@ -164,7 +167,7 @@ def create_app(service: Service) -> FastAPI:
         return {**head, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done}}
 
-    async def _stream(request, subs, head, chat, tools, include_usage, n_prompt, t0):
+    async def _stream(request, subs, head, chat, tools, include_usage, n_prompt, t0, echoes=None):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices, **extra) -> str:
@@ -177,6 +180,9 @@ def create_app(service: Service) -> FastAPI:
         if chat:
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                          for i in range(len(subs))])
+        elif echoes:
+            yield event([{"index": i, "text": e, "logprobs": None, "finish_reason": None}
+                         for i, e in enumerate(echoes)])
         try:
             live = set(range(len(subs)))
             while live:

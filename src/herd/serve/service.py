@@ -218,6 +218,24 @@ class Service:
                                 "of either", "prompt")
         return [p if isinstance(p, list) else [self.tok.bos_id] + self.tok.encode(p) for p in prompt]
 
+    def echoes(self, body: dict) -> list[str] | None:
+        """The completions API's `echo`: each prompt's text, to put before its choices' text (None without echo).
+        `suffix` (insertion) and `best_of` > 1 are refused rather than ignored, as vLLM refuses `suffix`."""
+        if body.get("suffix") is not None:
+            raise APIError(400, "suffix is not supported", "suffix")
+        if body.get("best_of") not in (None, 1):
+            raise APIError(400, "best_of is not supported; use n", "best_of")
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise APIError(400, f"echo must be true or false, got {echo!r}", "echo")
+        if not echo:
+            return None
+        if body.get("logprobs") is not None:
+            raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported", "echo")
+        prompt = body["prompt"]
+        prompts = [prompt] if isinstance(prompt, str) or all(_is_id(t) for t in prompt) else prompt
+        return [p if isinstance(p, str) else self.tok.decode(p) for p in prompts]
+
     def check_length(self, ids: list[int], params: SamplingParams, explicit: bool) -> SamplingParams:
         import dataclasses
 
