@@ -224,6 +224,16 @@ def test_a_batch_of_prompts_gets_n_choices_each_in_order(client):
     assert streamed == [c.text for c in both.choices]
 
 
+def test_a_developer_message_is_the_system_prompt(client):
+    kw = dict(model="tiny", max_tokens=6, temperature=0)
+    as_system = client.chat.completions.create(messages=[{"role": "system", "content": "Be brief."},
+                                                         {"role": "user", "content": "Hi"}], **kw)
+    as_developer = client.chat.completions.create(messages=[{"role": "developer", "content": "Be brief."},
+                                                            {"role": "user", "content": "Hi"}], **kw)
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+
+
 def test_echo_puts_the_prompt_first(client):
     kw = dict(model="tiny", max_tokens=4, temperature=0)
     plain = client.completions.create(prompt="The old king", **kw).choices[0].text

@@ -197,6 +197,8 @@ class Service:
         if tools is not None and not isinstance(tools, list):
             raise APIError(400, "tools must be a list", "tools")
         use_tools = tools_for(body.get("tool_choice"), tools or [])
+        # OpenAI's newer "developer" role is the system prompt by another name
+        messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
         self._images(messages)
         kw = tiling(self.vision)
         try:
