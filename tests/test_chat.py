@@ -72,6 +72,13 @@ def test_system_prompt_and_multi_turn(tok):
     assert format_chat(msgs, tok) == rendered(tok, expected)
 
 
+def test_developer_is_the_system_role(tok):
+    """OpenAI's newer name for the system message renders exactly as a system message."""
+    msgs = [{"role": "user", "content": "2+2?"}]
+    system = format_chat([{"role": "system", "content": "Be terse."}] + msgs, tok)
+    assert format_chat([{"role": "developer", "content": "Be terse."}] + msgs, tok) == system
+
+
 def test_tool_call_and_result(tok):
     msgs = [{"role": "user", "content": "Weather in Paris?"},
             {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {

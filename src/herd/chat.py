@@ -1,7 +1,8 @@
 """Llama 4 chat format: OpenAI-style messages in, token ids out (text, tool calls, tool results and images).
 
 Layout (spec 4.2): `<|begin_of_text|>`, then per turn `<|header_start|>{role}<|header_end|>\n\n{content}<|eot|>`,
-roles system / user / assistant / ipython (OpenAI's "tool"), and with add_generation_prompt the open assistant header.
+roles system / user / assistant / ipython (OpenAI's "tool"; OpenAI's newer "developer" is the system role), and with
+add_generation_prompt the open assistant header.
 
 Design
 - Token-for-token what transformers' Llama 4 chat template (models/llama4/processing_llama4.py) renders and its
@@ -34,7 +35,8 @@ from typing import Any
 
 from herd.tokenizer import Tokenizer
 
-ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython", "ipython": "ipython"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "ipython",
+         "ipython": "ipython"}
 # The fixed preamble of transformers' Llama 4 template for tools in the first user message.
 TOOLS_PREAMBLE = ("Given the following functions, please respond with a JSON for a function call with its proper "
                   "arguments that best answers the given prompt.\n\n"
@@ -197,7 +199,7 @@ def format_chat(messages: Sequence[dict], tokenizer: Tokenizer, add_generation_p
     out = _Ids(tokenizer, list(image_grids or []), tokens_per_tile)
     out.special("bos")
     messages = list(messages)
-    if messages and messages[0].get("role") == "system":
+    if messages and ROLES.get(messages[0].get("role")) == "system":
         out.header("system")
         if tools is not None:
             out.text("Environment: ipython\n")

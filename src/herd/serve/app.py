@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import time
 import uuid
@@ -40,7 +41,7 @@ def _logprobs(tok, req, start: int, end: int, chat: bool, offset: int = 0) -> di
                              "top_logprobs": [{"token": tok.decode([t]), "logprob": v, "bytes": None}
                                               for t, v in lp["top"]]} for lp in items]}
     tokens = [tok.decode([lp["token"]]) for lp in items]
-    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[:len(tokens)]
     return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in items],
             "top_logprobs": [{tok.decode([t]): v for t, v in lp["top"]} for lp in items], "text_offset": offsets}
 

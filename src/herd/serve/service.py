@@ -9,6 +9,7 @@ results into engine requests and HTTP responses.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from pathlib import Path
@@ -197,8 +198,6 @@ class Service:
         if tools is not None and not isinstance(tools, list):
             raise APIError(400, "tools must be a list", "tools")
         use_tools = tools_for(body.get("tool_choice"), tools or [])
-        # OpenAI's newer "developer" role is the system prompt by another name
-        messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
         self._images(messages)
         kw = tiling(self.vision)
         try:
@@ -239,8 +238,6 @@ class Service:
         return [p if isinstance(p, str) else self.tok.decode(p) for p in prompts]
 
     def check_length(self, ids: list[int], params: SamplingParams, explicit: bool) -> SamplingParams:
-        import dataclasses
-
         room = self.cfg.max_position_embeddings - len(ids)
         if room <= 0 or (explicit and params.max_new_tokens > room):
             raise APIError(400, f"the prompt is {len(ids)} tokens" + (f" and max_tokens {params.max_new_tokens}"
