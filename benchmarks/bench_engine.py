@@ -19,15 +19,20 @@ each (EOS ignored, so every request has its own known length), all arriving at o
 with `max_batch=B` (continuous batching: a finished request's row is refilled from the queue at the next step);
 transformers runs them as `generate` does, in batches of B in arrival order, left-padded, each batch until its
 longest request is done. Reported: useful tokens (each request's own new tokens) per second of wall time, both
-sides, and whether every request's tokens are equal. This is the workload continuous batching exists for; the
-uniform table above is the one where static batching wastes nothing.
+sides (best of `--repeats` runs of the same workload), and whether every request's tokens are equal. This is the
+workload continuous batching exists for; the uniform table above is the one where static batching wastes nothing.
 
 The checkpoint is random: the tiny preset's decoder at hidden 256 (below), with Scout's attention temperature
 floor_scale 8192 (the tiny preset's 8 would let transformers' temperature count left padding as positions, which
 changes its padded rows' tokens; see herd.model.text).
 
+On a GPU (`--device cuda --dtype bfloat16`) the same tables are measured there; the matmul share is not (the
+profiler's CPU self time says nothing of kernels), and greedy tokens may differ in bfloat16 (different kernels round
+differently; a near-tie flips).
+
 Run:  .venv/bin/python benchmarks/bench_engine.py            (a few minutes on 2 cores)
       .venv/bin/python benchmarks/bench_engine.py --quick
+      python benchmarks/bench_engine.py --device cuda --dtype bfloat16
 Writes a markdown table and JSON to benchmarks/results/bench_engine.json.
 """
 
@@ -47,6 +52,11 @@ import herd
 from herd.infer.engine import Engine
 from herd.infer.sampling import SamplingParams
 from herd.tokenizer import tiny_tokenizer
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def herd_run(model, tok, prompts, n) -> tuple[float, float, list]:
@@ -71,6 +81,11 @@ def matmul_share(model, tok, prompts, steps: int = 8) -> tuple[float, float]:
     for p in prompts:
         engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=3 * steps + 4))
     engine.step()  # admits every request
+    if model.device.type == "cuda":  # the step syncs itself (it reads the sampled ids); the profiler's CPU time
+        t0 = time.perf_counter()  # below would not see the kernels, so only the step time is reported
+        for _ in range(steps):
+            engine.step()
+        return (time.perf_counter() - t0) / steps * 1e3, float("nan")
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
@@ -83,39 +98,44 @@ def matmul_share(model, tok, prompts, steps: int = 8) -> tuple[float, float]:
 
 
 def hf_run(model, prompts, n) -> tuple[float, float, list]:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    sync(model.device)
     ttft = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+    sync(model.device)
     return ttft, time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
 
 
-def mixed_run(ours, theirs, tok, B: int, g: torch.Generator) -> dict:
+def mixed_run(ours, theirs, tok, B: int, g: torch.Generator, repeats: int) -> dict:
     """4 x B requests of mixed prompt and output lengths: useful tokens/s of herd (max_batch B) and of transformers
-    (static batches of B); `same` says every request got the same tokens on both sides."""
+    (static batches of B), best of `repeats` runs of the same workload (the first run on a GPU also pays for loading
+    the kernels of every new shape); `same` says every request got the same tokens on both sides."""
     n = 4 * B
     lens = torch.randint(16, 129, (n,), generator=g).tolist()
     outs = torch.randint(8, 65, (n,), generator=g).tolist()
     prompts = [torch.randint(3, 900, (m,), generator=g).tolist() for m in lens]
-    t0 = time.perf_counter()
-    engine = Engine(ours, tok, max_batch=B)
-    reqs = [engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=k))
-            for p, k in zip(prompts, outs, strict=True)]
-    engine.run()
-    herd_s = time.perf_counter() - t0
-    theirs_tokens, t0 = [], time.perf_counter()
-    for i in range(0, n, B):
-        group, k = prompts[i:i + B], max(outs[i:i + B])
-        width = max(len(p) for p in group)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
-        out = theirs.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)
-        theirs_tokens += [row[width:width + m] for row, m in zip(out.tolist(), outs[i:i + B], strict=True)]
-    theirs_s = time.perf_counter() - t0
+    herd_s = theirs_s = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        engine = Engine(ours, tok, max_batch=B)
+        reqs = [engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=k))
+                for p, k in zip(prompts, outs, strict=True)]
+        engine.run()
+        herd_s = min(herd_s, time.perf_counter() - t0)
+        theirs_tokens, t0 = [], time.perf_counter()
+        for i in range(0, n, B):
+            group, k = prompts[i:i + B], max(outs[i:i + B])
+            width = max(len(p) for p in group)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=theirs.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=theirs.device)
+            out = theirs.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                  pad_token_id=0, eos_token_id=None)
+            theirs_tokens += [row[width:width + m] for row, m in zip(out.tolist(), outs[i:i + B], strict=True)]
+        theirs_s = min(theirs_s, time.perf_counter() - t0)
     useful = sum(outs)
     return {"requests": n, "useful_tokens": useful, "herd_tok_s": useful / herd_s, "transformers_tok_s":
             useful / theirs_s, "same": [r.output_ids for r in reqs] == theirs_tokens}
@@ -128,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,
                    help="also the mixed-length workload (default on)")
     p.add_argument("--quick", action="store_true")
@@ -146,8 +168,9 @@ def main(argv=None) -> int:
     transformers.utils.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
         herd.build_model(cfg, seed=0).save_pretrained(tmp)
-        ours = herd.from_pretrained(tmp).eval()
-        theirs = Llama4ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        dtype = getattr(torch, a.dtype)
+        ours = herd.from_pretrained(tmp, dtype=dtype, device=a.device).eval()
+        theirs = Llama4ForCausalLM.from_pretrained(tmp, dtype=dtype).to(a.device).eval()
     tok, rows, results = tiny_tokenizer(), [], {}
     g = torch.Generator().manual_seed(0)
     for B in [int(b) for b in a.batches.split(",")]:
@@ -164,14 +187,17 @@ def main(argv=None) -> int:
         h, t = best["herd"], best["transformers"]
         same = h["tokens"] == t["tokens"]
         step_ms, mm_ms = matmul_share(ours, tok, prompts)
-        ceiling = B / (mm_ms / 1e3)
+        measured = mm_ms == mm_ms  # NaN on a GPU (matmul_share)
+        ceiling = B / (mm_ms / 1e3) if measured else None
         results[B] = {k: {x: y for x, y in v.items() if x != "tokens"} for k, v in best.items()} | {
-            "same": same, "herd_step_ms": step_ms, "herd_matmul_ms": mm_ms, "ceiling_tok_s": ceiling}
+            "same": same, "herd_step_ms": step_ms, "herd_matmul_ms": mm_ms if measured else None,
+            "ceiling_tok_s": ceiling}
         print(f"[{time.strftime('%H:%M:%S')}] B={B} herd step {step_ms:.2f} ms, matmuls {mm_ms:.2f} ms",
               file=sys.stderr, flush=True)
+        share = f"{mm_ms / step_ms:.0%} | {ceiling:,.0f} | {ceiling / t['decode_tok_s']:.2f}x" if measured else \
+            "n/a | n/a | n/a"
         rows.append(f"| {B} | {h['ttft_s']:.3f} | {t['ttft_s']:.3f} | {h['decode_tok_s']:,.0f} | "
-                    f"{t['decode_tok_s']:,.0f} | {h['decode_tok_s'] / t['decode_tok_s']:.2f}x | "
-                    f"{mm_ms / step_ms:.0%} | {ceiling:,.0f} | {ceiling / t['decode_tok_s']:.2f}x | {same} |")
+                    f"{t['decode_tok_s']:,.0f} | {h['decode_tok_s'] / t['decode_tok_s']:.2f}x | {share} | {same} |")
     print("| batch | TTFT herd (s) | TTFT transformers (s) | decode herd tok/s | decode transformers tok/s | "
           "herd / transformers | matmuls in herd's step | ceiling tok/s | ceiling / transformers | same tokens |\n"
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -179,7 +205,7 @@ def main(argv=None) -> int:
     mixed = {}
     if a.mixed:
         for B in [int(b) for b in a.batches.split(",")]:
-            m = mixed[B] = mixed_run(ours, theirs, tok, B, g)
+            m = mixed[B] = mixed_run(ours, theirs, tok, B, g, a.repeats)
             print(f"[{time.strftime('%H:%M:%S')}] mixed B={B}: herd {m['herd_tok_s']:,.0f} tok/s, transformers "
                   f"{m['transformers_tok_s']:,.0f} tok/s", file=sys.stderr, flush=True)
         print("\n| batch | requests | useful tokens | herd tok/s | transformers tok/s | herd / transformers | "
@@ -189,7 +215,9 @@ def main(argv=None) -> int:
                   f"{m['transformers_tok_s']:,.0f} | {m['herd_tok_s'] / m['transformers_tok_s']:.2f}x | {m['same']} |")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": a.threads,
+    machine = torch.cuda.get_device_name() if torch.device(a.device).type == "cuda" else \
+        platform.processor() or platform.machine()
+    out.write_text(json.dumps({"machine": machine, "device": a.device, "dtype": a.dtype, "threads": a.threads,
                                "torch": torch.__version__, "transformers": transformers.__version__,
                                "config": size or "tiny", "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                                "results": results, "mixed": mixed}, indent=1))

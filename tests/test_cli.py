@@ -48,6 +48,59 @@ def test_generate_from_token_ids(ckpt):
     assert "new ids:" in out.stdout and "[3 prompt tokens, 5 new tokens" in out.stderr
 
 
+def test_generate_and_serve_quantized(ckpt):
+    """--quantize swaps the decoder's weights before generating: the CLI's tokens are the library's on the same
+    quantized model, and the server's engine runs on quantized modules."""
+    import asyncio
+
+    import torch
+
+    import herd as lib
+    from herd.infer.quant import QuantExperts, QuantLinear, quantize_scheme
+    from herd.infer.sampling import SamplingParams
+    from herd.serve import build_service
+
+    model = lib.from_pretrained(ckpt).eval()
+    quantize_scheme(model, "fp8-dynamic")
+    want = lib.generate(model, torch.tensor([[1, 2, 3]]), 5)[0, 3:].tolist()
+    out = herd("generate", "--model", ckpt, "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--device", "cpu",
+               "--quantize", "fp8-dynamic")
+    assert "quantized 32 modules to fp8 weights and activations" in out.stderr
+    assert out.stdout.split("new ids:")[1].strip() == str(want)
+    out = herd("generate", "--model", ckpt, "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+               "--quantize", "int4", "--group-size", "32")
+    assert "to int4 (groups of 32): converted weights 6.40x smaller" in out.stderr
+
+    service = build_service(str(ckpt), quantize="int8")
+    try:
+        decoder = service.worker.engine.model.language_model.model.layers
+        assert isinstance(decoder[0].self_attn.q_proj, QuantLinear)
+        assert isinstance(decoder[0].feed_forward.experts, QuantExperts)
+
+        async def ask():
+            req, queue = service.worker.submit([1, 2, 3], SamplingParams(temperature=0.0, max_new_tokens=4,
+                                                                         ignore_eos=True))
+            while not req.finished:
+                await asyncio.wait_for(queue.get(), 60)
+            return req
+        req = asyncio.run(ask())
+        assert req.finish_reason == "length" and len(req.output_ids) == 4
+    finally:
+        service.worker.stop(0)
+
+
+def test_bad_runtime_options_fail_cleanly(ckpt):
+    bad = herd("generate", "--model", ckpt, "--prompt-ids", "1,2", "--quantize", "int4", ok=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "group_size=128 does not divide" in bad.stderr and "group sizes that fit every layer: [16, 32]" in bad.stderr
+    bad = herd("serve", "--model", ckpt, "--quantize", "int4", "--group-size", "48", ok=False)
+    assert bad.returncode == 2 and "group_size=48" in bad.stderr and "Traceback" not in bad.stderr
+    bad = herd("generate", "--model", ckpt, "--prompt-ids", "1,2", "--device", "tpu9", ok=False)
+    assert bad.returncode == 2 and "--device tpu9" in bad.stderr and "Traceback" not in bad.stderr
+    bad = herd("generate", "--model", ckpt, "--prompt-ids", "1,2", "--quantize", "int3", ok=False)
+    assert bad.returncode == 2 and "invalid choice: 'int3'" in bad.stderr
+
+
 def test_bad_inputs_fail_cleanly(ckpt, tmp_path):
     bad = herd("info", "--model", tmp_path / "none", ok=False)
     assert bad.returncode == 2 and "no config.json" in bad.stderr

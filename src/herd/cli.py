@@ -7,6 +7,7 @@
   herd generate --model DIR --prompt-ids 1,2,3        raw token ids in and out
   herd generate --model DIR --raw --prompt "Once"     plain-text continuation (no chat format)
   herd serve --model DIR [--port 8000]                OpenAI-compatible server (herd.serve)
+  herd serve --model DIR --device cuda --dtype bfloat16 --quantize fp8-dynamic   (also generate / chat)
   herd chat --model DIR                               terminal chat: streaming, /image PATH, /system, /set, /reset
   herd train --preset tiny --out runs/x [--max-steps N] [--config FILE] [--key=value ...]
   herd train --resume runs/x [--max-steps N]          continue a run exactly from its newest checkpoint
@@ -19,6 +20,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+
+class UsageError(Exception):
+    """A bad option value (device, quantization): reported as `error: ...`, exit status 2."""
 
 
 def _config(args):
@@ -66,12 +71,47 @@ def _load(args):
     from herd.model.build import build_model
     from herd.tokenizer import Tokenizer, tiny_tokenizer
 
+    device = _device(args.device)
     if args.model:
-        model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
         has_tok = (Path(args.model) / "tokenizer.json").is_file()
-        return model.eval(), Tokenizer.from_pretrained(args.model) if has_tok else None
-    model = build_model(multimodal_preset(args.preset), seed=args.seed).eval()
-    return model, tiny_tokenizer() if args.preset.startswith("tiny") else None
+        tok = Tokenizer.from_pretrained(args.model) if has_tok else None
+    else:
+        model = build_model(multimodal_preset(args.preset), seed=args.seed, device=device)
+        tok = tiny_tokenizer() if args.preset.startswith("tiny") else None
+    if args.quantize:  # after the model has its final dtype and device (herd.infer.quant)
+        from herd.infer.quant import describe, quantize_scheme
+
+        try:
+            print(describe(quantize_scheme(model, args.quantize, args.group_size)), file=sys.stderr)
+        except ValueError as e:
+            raise UsageError(f"--quantize {args.quantize}: {e}") from None
+    return model.eval(), tok
+
+
+def _device(name: str | None) -> str:
+    """--device: a torch device name; by default the GPU when there is one."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, ValueError, AssertionError) as e:  # a CPU-only torch asserts on "cuda"
+        raise UsageError(f"--device {name}: {str(e).splitlines()[0]}") from None
+    return name
+
+
+def _runtime_options(sp) -> None:
+    """Where and how the weights run: device, dtype and weight quantization (herd.infer.quant)."""
+    from herd.infer.quant import SCHEMES
+
+    sp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="weights and activations (default: the checkpoint's)")
+    sp.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if present)")
+    sp.add_argument("--quantize", choices=list(SCHEMES), default=None,
+                    help="weight-only int8 / int4 / fp8, or fp8-dynamic (fp8 activations too: W8A8 on fp8 GPUs)")
+    sp.add_argument("--group-size", type=int, default=128, help="int4 group size (input features per scale)")
 
 
 def _prompt(args, model, tok):
@@ -123,8 +163,9 @@ def cmd_generate(args) -> int:
             print(stream.put(int(step[0])), end="", flush=True)
 
     t0 = time.perf_counter()
+    gen = torch.Generator(device=model.device).manual_seed(args.seed)
     out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   eos_token_id=eos, generator=torch.Generator().manual_seed(args.seed), pixel_values=pixels,
+                   eos_token_id=eos, generator=gen, pixel_values=pixels,
                    on_token=show, vocab_limit=tok.vocab_size if tok is not None else None)
     dt = time.perf_counter() - t0
     new = out[0, ids.shape[1]:].tolist()
@@ -154,14 +195,22 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     import os
 
+    import torch
+
     from herd.serve import build_service
     from herd.serve.app import create_app
     from herd.serve.server import serve
 
-    service = build_service(args.model, args.name, max_batch=args.max_batch, media_dir=args.media_dir,
-                            api_key=args.api_key or os.environ.get("HERD_API_KEY"),
-                            max_request_bytes=args.max_request_mb * 2**20, max_concurrent=args.max_concurrent,
-                            max_images=args.max_images, max_image_bytes=int(args.max_image_mb * 2**20))
+    device = _device(args.device)
+    try:
+        service = build_service(args.model, args.name, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                device=device, quantize=args.quantize, group_size=args.group_size,
+                                max_batch=args.max_batch, media_dir=args.media_dir,
+                                api_key=args.api_key or os.environ.get("HERD_API_KEY"),
+                                max_request_bytes=args.max_request_mb * 2**20, max_concurrent=args.max_concurrent,
+                                max_images=args.max_images, max_image_bytes=int(args.max_image_mb * 2**20))
+    except ValueError as e:  # e.g. a quantization the model's shapes refuse (the message names the layers)
+        raise UsageError(str(e)) from None
     print(f"serving {service.name!r} on http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
     serve(create_app(service), service.worker, args.host, args.port, args.log_level, args.shutdown_timeout)
     return 0
@@ -197,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp.add_argument("--temperature", type=float, default=0.0)
     sp.add_argument("--top-p", type=float, default=None)
-    sp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     sp.add_argument("--seed", type=int, default=0)
+    _runtime_options(sp)
     sp.set_defaults(fn=cmd_generate)
     sp = sub.add_parser("chat", help="chat in the terminal: streamed answers, /image PATH, /system, /set, /reset")
     source(sp)
@@ -207,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--temperature", type=float, default=0.0)
     sp.add_argument("--top-p", type=float, default=None)
     sp.add_argument("--top-k", type=int, default=None)
-    sp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     sp.add_argument("--seed", type=int, default=0)
+    _runtime_options(sp)
     sp.set_defaults(fn=cmd_chat)
     sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming)")
     sp.add_argument("--model", required=True, help="Hugging Face checkpoint directory with tokenizer.json")
@@ -225,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGTERM/Ctrl-C, seconds in-flight requests may still run before they are cancelled")
     sp.add_argument("--log-level", default="warning")
+    _runtime_options(sp)
     sp.set_defaults(fn=cmd_serve)
     from herd.train.cli import add_train_parser
 
@@ -235,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError) as e:
+    except (CheckpointError, ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

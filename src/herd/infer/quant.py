@@ -22,6 +22,14 @@ Formats (symmetric, no zero point; the absmax rule of LLM.int8, Dettmers et al. 
 - fp8: float8_e4m3fn values with one scale per output channel, s = max|w_row| / 448 (e4m3's largest finite value),
   3 mantissa bits so the error is relative (at most |w| / 16; a fixed 2^-10 s below e4m3's smallest normal) rather
   than a fixed step. Storage and dequantization work on CPU too.
+- fp8 with `activations="fp8"` (W8A8, what vLLM and torchao call fp8 dynamic per-token / per-row): the same
+  weights, and each call also quantizes its input rows to e4m3 (one scale per row, s = max|x_row| / 448) and
+  multiplies the fp8 operands with `torch._scaled_mm`, which applies both scales to the float32 accumulator. On
+  Hopper-class GPUs (compute capability 8.9+) this runs on the fp8 tensor cores: half the bytes of bf16 per weight
+  read, twice the matmul rate. The price is the activation rounding (relative, at most 1/16 per element) on top of
+  the weights'; per-row scales keep one outlier token from crushing the others' resolution. `_scaled_mm` needs
+  input and output widths that are multiples of 16, checked for every layer before anything is converted. CPU
+  builds of torch run the same call (slowly), which is what the tests exercise.
 Scales are float32: exact whatever the model dtype, at a cost of 4 bytes per group (int4 at group 128 is 4.25 bits
 per weight, at group 32 it is 5 bits).
 
@@ -36,14 +44,17 @@ Forward (`quant_linear`): the weight is dequantized to float32 and cast to the a
 output rows, 2 MiB of float32) at a time, each tile multiplied as soon as it is made. A full float copy of a layer
 never exists, so the transient memory is one tile, not one layer (a Scout expert's gate_up would be 335 MB), and the
 tile is still in cache when the matmul reads it. Tiling matters on CPU: a fresh 16 MB buffer per call costs
-thousands of page faults (2048 x 2048 int4, 1 thread: 26 ms whole, 9 ms in tiles of 256 rows).
+thousands of page faults (2048 x 2048 int4, 1 thread: 26 ms whole, 9 ms in tiles of 256 rows). On a GPU the tiles are
+GPU_TILE weights (128 MiB of float32), since there every tile is several kernel launches.
 
 What it buys, honestly: resident weight memory of the converted layers drops about 4x (int8, fp8) and 6-7.5x (int4)
 from float32 (half those factors from bfloat16).
-It does not buy speed here: every call decodes the codes and writes float tiles before a plain matmul, more work than
-the float model's matmul alone. The bandwidth win of weight-only quantization needs a fused dequantize-and-multiply
-kernel (tinygemm, Marlin, torch's `_weight_int8pack_mm`), not used here. benchmarks/bench_quant.py measures the cost
-next to perplexity.
+The weight-only formats do not buy speed: every call decodes the codes and writes float tiles before a plain matmul,
+more work than the float model's matmul alone. The bandwidth win of weight-only quantization needs a fused
+dequantize-and-multiply kernel (tinygemm, Marlin, torch's `_weight_int8pack_mm`), not used here. fp8 dynamic does
+multiply in fp8 and is faster than bfloat16 on an H200 at prefill sizes (1.1-1.4x at 4096 rows), but slower at decode
+sizes, where quantizing the input rows (five small kernels) costs more than the matmul saves.
+benchmarks/bench_quant.py and benchmarks/bench_fp8_matmul.py measure it next to perplexity.
 
 NOTE footgun: quantize after the model has its final dtype and device. `model.to(device)` afterwards is fine, but
 `model.to(dtype)` casts every floating buffer - the fp8 weights and all the float32 scales - to that dtype.
@@ -56,6 +67,7 @@ D hidden, F expert width.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +77,8 @@ from torch import nn
 from herd.model.moe import Experts
 
 QMAX = {8: 127, 4: 7, "fp8": torch.finfo(torch.float8_e4m3fn).max}  # largest code magnitude of each format
+TINY = 1e-12  # the smallest row max an fp8 activation scale is made from (an all-zero row)
+ACTIVATIONS = ("float", "fp8")  # what the inputs of a converted layer are multiplied in
 SKIP = ("router", "lm_head", "embed", "vision", "projector")
 
 
@@ -80,6 +94,15 @@ def check_format(bits, group_size: int | None) -> int | None:
         raise ValueError(f"int4 group_size must be a positive even int (two codes share a byte) or None for per "
                          f"output channel, got {group_size!r}")
     return group_size
+
+
+def check_activations(bits, activations: str) -> bool:
+    """True when the inputs are quantized to fp8 too (W8A8), or ValueError for an unknown or unsupported choice."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    if activations == "fp8" and bits != "fp8":
+        raise ValueError(f"activations='fp8' needs fp8 weights (bits='fp8'), got bits={bits!r}")
+    return activations == "fp8"
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -136,6 +159,9 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, bits, dtype: tor
 
 
 TILE = 2**19  # weights dequantized at once by quant_linear: 2 MiB of float32 (module docstring)
+# On a GPU each tile costs a handful of kernel launches and the transient buffer is no burden: 128 MiB of float32
+# (a 8192 x 8192 layer in two tiles; 2 MiB tiles made it 128 tiles and 16 ms a call on an H200)
+GPU_TILE = 2**25
 
 
 def quant_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits,
@@ -143,7 +169,7 @@ def quant_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits
     """F.linear(x, dequantized weight, bias) for codes (O, ...), dequantizing whole output rows, TILE weights at a
     time; a layer of at most TILE weights is one plain F.linear on its dequantized weight."""
     n_out, n_in = scale.shape[0], codes.shape[-1] * (2 if bits == 4 else 1)
-    rows = max(1, TILE // n_in)
+    rows = max(1, (GPU_TILE if x.is_cuda else TILE) // n_in)
     bias = None if bias is None else bias.to(x.dtype)
     if n_out <= rows:
         return F.linear(x, dequantize_weight(codes, scale, bits, x.dtype), bias)
@@ -154,18 +180,62 @@ def quant_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits
     return torch.cat(outs, dim=-1)
 
 
-def _describe(bits, group_size: int | None) -> str:
-    return f"bits={bits}" + (f", group_size={group_size}" if bits == 4 else "")
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, I) -> (e4m3 codes (M, I), float32 scale (M, 1)): the absmax rule per row, computed on every call
+    (dynamic: no calibration set, and a row's scale depends on that token alone, so batching never changes it).
+
+    Written as few passes as possible, since on a GPU each is a kernel launch and at decode sizes the launches, not
+    the bytes, are the cost (benchmarks/bench_fp8_matmul.py): the inf-norm takes |x|, the row max and the float32
+    cast in one reduction; an all-zero row gets a tiny scale instead of a branch (its codes are 0 either way); and
+    no clamp to +-448, because x / (amax / 448) exceeds 448 by float rounding only, which the cast rounds back."""
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)  # (M, 1)
+    scale = amax.clamp(min=TINY) / QMAX["fp8"]
+    return (x / scale).to(torch.float8_e4m3fn), scale
+
+
+@functools.cache
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes per-row scales (2.13 does; 2.11 accepts per-tensor ones only)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)  # 16 x 16: scales of 16 values each, not one per tensor
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
+
+
+def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, dequantized fp8 weight, bias) with x rounded to e4m3 per row too: one `torch._scaled_mm` of the
+    fp8 operands, y = (xq @ codes.T) * sx * sw, scales applied to the float32 accumulator. codes (O, I) is row-major,
+    so codes.T is the column-major right operand the kernel wants, without a copy."""
+    shape = x.shape
+    xq, sx = quantize_rows_fp8(x.reshape(-1, shape[-1]))  # (M, I), (M, 1)
+    if x.is_cuda:  # CUDA's row-wise scaled kernels write bfloat16 only
+        y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=scale.t(), out_dtype=torch.bfloat16).to(x.dtype)
+    elif _cpu_rowwise_scaled_mm():
+        y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=scale.t(), out_dtype=x.dtype)  # (M, O)
+    else:  # the same products of the same fp8 values, accumulated in float32
+        y = ((xq.float() @ codes.float().t()) * sx * scale.t()).to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.view(*shape[:-1], -1)
+
+
+def _describe(bits, group_size: int | None, fp8_act: bool = False) -> str:
+    return f"bits={bits}" + (f", group_size={group_size}" if bits == 4 else "") + \
+        (", activations=fp8" if fp8_act else "")
 
 
 # ---- the modules ----------------------------------------------------------------------------------------------------
 class QuantLinear(nn.Module):
     """nn.Linear with a quantized weight: y = x @ dequantize(W).T + b, dequantized to x's dtype on every call."""
 
-    def __init__(self, linear: nn.Linear, bits, group_size: int | None = None):
+    def __init__(self, linear: nn.Linear, bits, group_size: int | None = None, activations: str = "float"):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bits, self.group_size = bits, check_format(bits, group_size)
+        self.fp8_act = check_activations(bits, activations)
         codes, scale = quantize_weight(linear.weight, bits, self.group_size)
         self.register_buffer("qweight", codes)  # (O, I) int8 / fp8, (O, I/2) uint8 for int4
         self.register_buffer("scale", scale)  # (O, G) float32
@@ -175,11 +245,13 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.qweight, self.scale, self.bits, dtype)  # (O, I)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_act:
+            return fp8_linear(x, self.qweight, self.scale, self.bias)
         return quant_linear(x, self.qweight, self.scale, self.bits, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"{_describe(self.bits, self.group_size)}"
+               f"{_describe(self.bits, self.group_size, self.fp8_act)}"
 
 
 class QuantExperts(nn.Module):
@@ -187,9 +259,10 @@ class QuantExperts(nn.Module):
     input dimension like a linear's; `expert(e, x)` dequantizes expert e alone (never all E at once) and computes
     the same SwiGLU as `Experts.expert` on those weights."""
 
-    def __init__(self, experts: Experts, bits, group_size: int | None = None):
+    def __init__(self, experts: Experts, bits, group_size: int | None = None, activations: str = "float"):
         super().__init__()
         self.bits, self.group_size = bits, check_format(bits, group_size)
+        self.fp8_act = check_activations(bits, activations)
         self.n_experts, self.width, self.hidden = experts.down_proj.shape  # E, F, D
         gu, gu_s = self._quantize(experts.gate_up_proj.mT)  # (E, 2F, D) codes
         dn, dn_s = self._quantize(experts.down_proj.mT)  # (E, D, F) codes
@@ -205,9 +278,15 @@ class QuantExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Run expert e on its tokens x (n, D), like Experts.expert."""
-        gate_up = quant_linear(x, self.gate_up_q[e], self.gate_up_scale[e], self.bits)  # (n, 2F)
+        if self.fp8_act:
+            gate_up = fp8_linear(x, self.gate_up_q[e], self.gate_up_scale[e])  # (n, 2F)
+        else:
+            gate_up = quant_linear(x, self.gate_up_q[e], self.gate_up_scale[e], self.bits)
         gate, up = gate_up.chunk(2, dim=-1)  # (n, F) each; gate is the first F columns, as in the checkpoint
-        return quant_linear(up * F.silu(gate), self.down_q[e], self.down_scale[e], self.bits)  # (n, D)
+        h = up * F.silu(gate)
+        if self.fp8_act:
+            return fp8_linear(h, self.down_q[e], self.down_scale[e])  # (n, D)
+        return quant_linear(h, self.down_q[e], self.down_scale[e], self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up_proj (E, D, 2F), down_proj (E, F, D)) in the float `Experts` (checkpoint) layout."""
@@ -216,7 +295,7 @@ class QuantExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, hidden={self.hidden}, width={self.width}, " \
-               f"{_describe(self.bits, self.group_size)}"
+               f"{_describe(self.bits, self.group_size, self.fp8_act)}"
 
 
 # ---- swapping modules -----------------------------------------------------------------------------------------------
@@ -237,6 +316,7 @@ class QuantSummary:
 
     bits: int | str
     group_size: int | None
+    activations: str = "float"
     converted: list[str] = field(default_factory=list)  # qualified module names, model order
     bytes_before: int = 0
     bytes_after: int = 0
@@ -267,6 +347,10 @@ def _in_width(m: nn.Module) -> list[int]:
     return [m.in_features]
 
 
+def _more(bad: list) -> str:
+    return f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+
+
 def _check_groups(targets: list[tuple[str, nn.Module]], bits, group_size: int | None) -> None:
     g = group_size or 2  # per-channel int4 still packs two codes per byte
     bad = [(name, w) for name, m in targets for w in _in_width(m) if w % g]
@@ -274,29 +358,53 @@ def _check_groups(targets: list[tuple[str, nn.Module]], bits, group_size: int | 
         return
     widths = sorted({w for _, m in targets for w in _in_width(m)})
     fits = [c for c in (16, 32, 64, 128, 256) if all(w % c == 0 for w in widths)]
-    where = ", ".join(f"{name} (input width {w})" for name, w in bad[:4]) + (" ..." if len(bad) > 4 else "")
+    where = ", ".join(f"{name} (input width {w})" for name, w in bad[:4]) + _more(bad)
     hint = f"group sizes that fit every layer: {fits}" if fits else "no power-of-two group size fits every layer"
     raise ValueError(f"int4 group_size={group_size} does not divide the input width of {len(bad)} weight(s): {where}. "
                      f"{hint}; group_size=None quantizes per output channel. Nothing was converted.")
 
 
+def _widths(m: nn.Module) -> list[tuple[int, int]]:
+    """(input, output) width of each weight of a module, as the matmul sees it."""
+    if isinstance(m, Experts):
+        E, D, F2 = m.gate_up_proj.shape
+        return [(D, F2), (F2 // 2, D)]
+    return [(m.in_features, m.out_features)]
+
+
+def _check_fp8_shapes(targets: list[tuple[str, nn.Module]]) -> None:
+    """torch._scaled_mm multiplies only widths that are multiples of 16 (its kernels' tile alignment)."""
+    bad = [(name, i, o) for name, m in targets for i, o in _widths(m) if i % 16 or o % 16]
+    if bad:
+        where = ", ".join(f"{n} ({i} -> {o})" for n, i, o in bad[:4]) + _more(bad)
+        raise ValueError(f"activations='fp8' needs input and output widths that are multiples of 16 "
+                         f"(torch._scaled_mm); {len(bad)} weight(s) are not: {where}. Skip them (skip=...) or use "
+                         f"fp8 weights alone (activations='float'). Nothing was converted.")
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, bits: int | str = 8, group_size: int | None = 128, include_experts: bool = True,
-             skip: tuple[str, ...] = SKIP) -> QuantSummary:
+             skip: tuple[str, ...] = SKIP, activations: str = "float") -> QuantSummary:
     """Quantize the linear layers (and routed experts) of `model` in place; returns what was converted.
 
     A module is skipped when any string of `skip` occurs in its qualified name ("router" matches
-    `...feed_forward.router`, "embed" matches `embed_tokens`). Validation happens before any swap, so a refused
-    format leaves the model untouched.
+    `...feed_forward.router`, "embed" matches `embed_tokens`). `activations="fp8"` (with bits="fp8") quantizes
+    each layer's input rows on the fly as well and multiplies in fp8 (module docstring). Validation happens before
+    any swap, so a refused format leaves the model untouched.
     """
     group_size = check_format(bits, group_size)
+    fp8_act = check_activations(bits, activations)
     targets = _targets(model, include_experts, tuple(skip))
     if any(p.is_meta for _, m in targets for p in m.parameters()):
         raise ValueError("the model is on the meta device (no weights): load or materialize it before quantizing")
     _check_groups(targets, bits, group_size)
-    summary = QuantSummary(bits=bits, group_size=group_size, bytes_before=model_bytes(model))
+    if fp8_act:
+        _check_fp8_shapes(targets)
+    summary = QuantSummary(bits=bits, group_size=group_size, activations=activations,
+                           bytes_before=model_bytes(model))
     for name, m in targets:
-        q = QuantExperts(m, bits, group_size) if isinstance(m, Experts) else QuantLinear(m, bits, group_size)
+        kind = QuantExperts if isinstance(m, Experts) else QuantLinear
+        q = kind(m, bits, group_size, activations)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
         summary.converted.append(name)
@@ -304,3 +412,23 @@ def quantize(model: nn.Module, bits: int | str = 8, group_size: int | None = 128
         summary.converted_bytes_after += model_bytes(q)
     summary.bytes_after = model_bytes(model)
     return summary
+
+
+# the named schemes of the command line (`herd generate / chat / serve --quantize NAME`)
+SCHEMES = {"int8": {"bits": 8}, "int4": {"bits": 4}, "fp8": {"bits": "fp8"},
+           "fp8-dynamic": {"bits": "fp8", "activations": "fp8"}}
+
+
+def quantize_scheme(model: nn.Module, scheme: str, group_size: int | None = 128) -> QuantSummary:
+    """quantize(model, ...) by name: int8, int4 (groups of `group_size`), fp8 (weights), fp8-dynamic (W8A8)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    return quantize(model, group_size=group_size, **SCHEMES[scheme])
+
+
+def describe(summary: QuantSummary) -> str:
+    """One line for logs: what was converted and the memory it saved."""
+    fmt = {8: "int8", 4: f"int4 (groups of {summary.group_size})" if summary.group_size else "int4"}.get(
+        summary.bits, "fp8" + (" weights and activations" if summary.activations == "fp8" else ""))
+    return (f"quantized {len(summary.converted)} modules to {fmt}: converted weights {summary.ratio:.2f}x smaller, "
+            f"model {summary.bytes_before / 2**20:.1f} -> {summary.bytes_after / 2**20:.1f} MiB")

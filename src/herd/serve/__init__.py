@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 
-def build_service(model_dir: str, name: str | None = None, dtype=None, max_batch: int = 32,
+def build_service(model_dir: str, name: str | None = None, dtype=None, device: str = "cpu",
+                  quantize: str | None = None, group_size: int | None = 128, max_batch: int = 32,
                   media_dir: str | None = None, api_key: str | None = None, max_request_bytes: int = 64 * 2**20,
                   max_concurrent: int = 64, max_images: int = 8, max_image_bytes: int = 20 * 2**20):
-    """Load a checkpoint with its tokenizer and generation defaults, start the engine thread; returns a Service."""
+    """Load a checkpoint with its tokenizer and generation defaults (on `device`, optionally quantized with a
+    herd.infer.quant scheme), start the engine thread; returns a Service."""
     from herd.checkpoint import from_pretrained
     from herd.infer.engine import Engine
     from herd.serve.service import Service
@@ -19,7 +21,11 @@ def build_service(model_dir: str, name: str | None = None, dtype=None, max_batch
     root = Path(model_dir)
     if not (root / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{root} has no tokenizer.json: the server needs the checkpoint's tokenizer")
-    model = from_pretrained(root, dtype=dtype).eval()
+    model = from_pretrained(root, dtype=dtype, device=device).eval()
+    if quantize:
+        from herd.infer.quant import describe, quantize_scheme
+
+        print(describe(quantize_scheme(model, quantize, group_size)), flush=True)
     tok = Tokenizer.from_pretrained(root)
     gen = root / "generation_config.json"
     defaults = {k: v for k, v in json.loads(gen.read_text()).items() if k in ("temperature", "top_p", "top_k")} \
