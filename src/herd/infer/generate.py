@@ -67,7 +67,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         if cache is None:
             step_ids, step_pos = ids, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         first = cache is None or cache.seen == 0
-        extra = {"pixel_values": pixel_values} if pixel_values is not None and first else {}
+        extra = {"pixel_values": pixel_values.to(device)} if pixel_values is not None and first else {}
         logits = model(step_ids, attention_mask=mask, position_ids=step_pos, cache=cache, logits_to_keep=1, **extra)
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator, banned)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
