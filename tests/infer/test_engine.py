@@ -81,6 +81,37 @@ def test_batching_and_joining_change_nothing(tok):
     assert engine.cache is None and not engine.running  # everything finished and freed
 
 
+def test_waiting_requests_join_once_enough_rows_are_free(tok):
+    """With admit_fraction 0.5 of 4 rows, two waiting requests wait for two free rows, then join in one prefill pass;
+    a lone waiting request joins as soon as one row is free; the tokens are each request's own."""
+    cfg = herd.preset("tiny")
+    model = herd.build_model(cfg, seed=9)
+    prompts = _prompts(cfg, [6, 11, 8, 14, 5, 9, 12], seed=9)
+    lengths = [3, 6, 20, 20, 10, 10, 4]
+    params = [SamplingParams(max_new_tokens=n, **GREEDY) for n in lengths]
+    alone = [Engine(model, tok).generate([p], s)[0].output_ids for p, s in zip(prompts, params, strict=True)]
+    engine = Engine(model, tok, max_batch=4, admit_fraction=0.5)
+    admitted = []
+    real_admit = engine._admit
+    engine._admit = lambda reqs: (admitted.append([prompts.index(r.prompt_ids) for r in reqs]), real_admit(reqs))
+    reqs = [engine.submit(p, s) for p, s in zip(prompts[:6], params[:6], strict=True)]
+    for _ in range(4):  # request 0 ends after its 3rd token: one row free, two waiting -> not yet
+        engine.step()
+    assert admitted == [[0, 1, 2, 3]] and len(engine.running) == 3 and len(engine.waiting) == 2
+    for _ in range(3):  # request 1 ends too: both waiting requests join together
+        engine.step()
+    assert admitted == [[0, 1, 2, 3], [4, 5]] and len(engine.running) == 4
+    while len(engine.running) == 4:
+        engine.step()
+    reqs.append(engine.submit(prompts[6], params[6]))  # alone in the queue, and a row is free: it joins at once
+    engine.step()
+    assert admitted[-1] == [6]
+    engine.run()
+    assert [r.output_ids for r in reqs] == alone
+    with pytest.raises(ValueError, match="admit_fraction"):
+        Engine(model, tok, admit_fraction=1.5)
+
+
 @pytest.mark.parametrize("prefill_tokens", [4096, 100])  # one group of four; groups split by the token budget
 def test_prompts_prefilled_together_equal_each_alone(tok, prefill_tokens):
     """Waiting requests are prefilled as one left-padded batch in pieces: with pieces of 16 positions the short

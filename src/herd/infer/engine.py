@@ -6,6 +6,10 @@ Continuous batching: requests join and leave one running batch between decode st
   multiplies large), in pieces of `prefill_chunk` positions (a long prompt never needs one huge attention), into a
   cache of their own. A prompt with images is prefilled alone and in one piece (an image's tokens must arrive
   together); its images are encoded once. Each request's first token is sampled from that pass.
+- While rows are running, waiting requests are admitted once `admit_fraction` of `max_batch` rows (default a
+  quarter) are free, or as soon as all of them fit: a prefill pass reads every weight like a decode step does, so a
+  few larger passes beat one per finished row (mixed workload at batch 32 on the 2-core CPU: 13-16% more tokens/s and
+  a lower median time to first token; no change at batch 8). An idle engine admits at once.
 - They then join the batch: their cache is merged into the batch's by left padding (herd.model.cache.KVCache rows share
   one length). Chunked (RoPE) layers keep at most `attention_chunk_size - 1` positions per row, global (NoPE) layers
   the whole context, so memory is the two-tier cost of herd.model.cache.
@@ -77,10 +81,14 @@ def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 32, prefill_chunk: int = 512, prefill_tokens: int = 4096):
+    def __init__(self, model, tokenizer, max_batch: int = 32, prefill_chunk: int = 512, prefill_tokens: int = 4096,
+                 admit_fraction: float = 0.25):
         self.model, self.tok = model.eval(), tokenizer
         self.cfg = getattr(model.config, "text_config", model.config)
         self.max_batch, self.prefill_chunk, self.prefill_tokens = max_batch, prefill_chunk, prefill_tokens
+        if not 0 <= admit_fraction <= 1:
+            raise ValueError(f"admit_fraction must be in [0, 1], got {admit_fraction}")
+        self.admit_fraction = admit_fraction
         self.device = next(model.parameters()).device
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # row r of the batch cache is running[r]
@@ -172,6 +180,10 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         """Admit waiting requests (prefill + first token), then one decode step for every running row."""
+        free = self.max_batch - len(self.running)
+        if self.running and free < min(len(self.waiting), max(1, int(self.admit_fraction * self.max_batch))):
+            self._decode()  # too few free rows to be worth a prefill pass yet (module docstring)
+            return
         group: list[Request] = []
         while self.waiting and len(self.running) + len(group) < self.max_batch:
             req = self.waiting.popleft()
