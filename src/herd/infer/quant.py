@@ -222,6 +222,14 @@ def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return y.view(*shape[:-1], -1)
 
 
+def _matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits, fp8_act: bool,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) for quantized W: in fp8 (fp8_linear) or on the dequantized weight (quant_linear)."""
+    if fp8_act:
+        return fp8_linear(x, codes, scale, bias)
+    return quant_linear(x, codes, scale, bits, bias)
+
+
 def _describe(bits, group_size: int | None, fp8_act: bool = False) -> str:
     return f"bits={bits}" + (f", group_size={group_size}" if bits == 4 else "") + \
         (", activations=fp8" if fp8_act else "")
@@ -245,9 +253,7 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.qweight, self.scale, self.bits, dtype)  # (O, I)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8_act:
-            return fp8_linear(x, self.qweight, self.scale, self.bias)
-        return quant_linear(x, self.qweight, self.scale, self.bits, self.bias)
+        return _matmul(x, self.qweight, self.scale, self.bits, self.fp8_act, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
@@ -278,15 +284,9 @@ class QuantExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Run expert e on its tokens x (n, D), like Experts.expert."""
-        if self.fp8_act:
-            gate_up = fp8_linear(x, self.gate_up_q[e], self.gate_up_scale[e])  # (n, 2F)
-        else:
-            gate_up = quant_linear(x, self.gate_up_q[e], self.gate_up_scale[e], self.bits)
+        gate_up = _matmul(x, self.gate_up_q[e], self.gate_up_scale[e], self.bits, self.fp8_act)  # (n, 2F)
         gate, up = gate_up.chunk(2, dim=-1)  # (n, F) each; gate is the first F columns, as in the checkpoint
-        h = up * F.silu(gate)
-        if self.fp8_act:
-            return fp8_linear(h, self.down_q[e], self.down_scale[e])  # (n, D)
-        return quant_linear(h, self.down_q[e], self.down_scale[e], self.bits)
+        return _matmul(up * F.silu(gate), self.down_q[e], self.down_scale[e], self.bits, self.fp8_act)  # (n, D)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up_proj (E, D, 2F), down_proj (E, F, D)) in the float `Experts` (checkpoint) layout."""
@@ -340,11 +340,12 @@ def _targets(model: nn.Module, include_experts: bool, skip: tuple[str, ...]) -> 
     return out
 
 
-def _in_width(m: nn.Module) -> list[int]:
-    """The input widths a module's weights are grouped along."""
+def _widths(m: nn.Module) -> list[tuple[int, int]]:
+    """(input, output) width of each weight of a module, as the matmul sees it (groups run along the input)."""
     if isinstance(m, Experts):
-        return [m.gate_up_proj.shape[1], m.down_proj.shape[1]]
-    return [m.in_features]
+        _, D, F2 = m.gate_up_proj.shape
+        return [(D, F2), (F2 // 2, D)]
+    return [(m.in_features, m.out_features)]
 
 
 def _more(bad: list) -> str:
@@ -353,23 +354,15 @@ def _more(bad: list) -> str:
 
 def _check_groups(targets: list[tuple[str, nn.Module]], bits, group_size: int | None) -> None:
     g = group_size or 2  # per-channel int4 still packs two codes per byte
-    bad = [(name, w) for name, m in targets for w in _in_width(m) if w % g]
+    bad = [(name, w) for name, m in targets for w, _ in _widths(m) if w % g]
     if bits != 4 or not bad:
         return
-    widths = sorted({w for _, m in targets for w in _in_width(m)})
+    widths = sorted({w for _, m in targets for w, _ in _widths(m)})
     fits = [c for c in (16, 32, 64, 128, 256) if all(w % c == 0 for w in widths)]
     where = ", ".join(f"{name} (input width {w})" for name, w in bad[:4]) + _more(bad)
     hint = f"group sizes that fit every layer: {fits}" if fits else "no power-of-two group size fits every layer"
     raise ValueError(f"int4 group_size={group_size} does not divide the input width of {len(bad)} weight(s): {where}. "
                      f"{hint}; group_size=None quantizes per output channel. Nothing was converted.")
-
-
-def _widths(m: nn.Module) -> list[tuple[int, int]]:
-    """(input, output) width of each weight of a module, as the matmul sees it."""
-    if isinstance(m, Experts):
-        E, D, F2 = m.gate_up_proj.shape
-        return [(D, F2), (F2 // 2, D)]
-    return [(m.in_features, m.out_features)]
 
 
 def _check_fp8_shapes(targets: list[tuple[str, nn.Module]]) -> None:
