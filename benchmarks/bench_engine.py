@@ -13,6 +13,9 @@ Where herd's decode step goes: a few extra decode steps run under torch.profiler
 multiplies (aten::mm / addmm / bmm: everything that reads weights) is reported as a share of the step. The step
 time minus nothing else is the bound on what cutting overhead could give with the same BLAS kernels: "ceiling
 tok/s" = B / (matmul ms per step), and "ceiling / transformers" says how far even a zero-overhead herd could get.
+A second measure of the same bound, without the profiler: "matmul loop ms" times a loop of only the step's weight
+products (every linear and both grouped expert products of every layer at B rows, random top-1 routing, the LM head
+at B rows; the same weights, nothing else).
 
 A mixed workload (`--mixed`, 4 x B requests per batch size): prompts of 16-128 random tokens and 8-64 new tokens
 each (EOS ignored, so every request has its own known length), all arriving at once, greedy. herd's engine runs them
@@ -51,6 +54,7 @@ import torch
 import herd
 from herd.infer.engine import Engine
 from herd.infer.sampling import SamplingParams
+from herd.infer.slot_engine import SlotEngine
 from herd.tokenizer import tiny_tokenizer
 
 
@@ -59,8 +63,8 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def herd_run(model, tok, prompts, n) -> tuple[float, float, list]:
-    engine = Engine(model, tok, max_batch=len(prompts))
+def herd_run(model, tok, prompts, n, engine_cls=Engine) -> tuple[float, float, list]:
+    engine = engine_cls(model, tok, max_batch=len(prompts))
     t0 = time.perf_counter()
     reqs = [engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=n)) for p in prompts]
     while not all(r.output_ids for r in reqs):
@@ -97,6 +101,48 @@ def matmul_share(model, tok, prompts, steps: int = 8) -> tuple[float, float]:
     return step_ms, mm_us / steps / 1e3
 
 
+@torch.no_grad()
+def matmul_loop_ms(model, B: int, repeats: int = 30) -> float:
+    """Median ms of one pass of only the weight products a decode step of B rows runs (module docstring)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, model.config.hidden_size, dtype=model.dtype, device=model.device)
+    routes = {}  # per MoE layer: the group ends of a random top-1 routing, drawn before the timing
+    for i, layer in enumerate(model.model.layers):
+        if layer.is_moe:
+            E = layer.feed_forward.n_experts
+            counts = torch.bincount(torch.randint(0, E, (B,), generator=g), minlength=E)
+            routes[i] = counts.cumsum(0).to(torch.int32).to(x.device)
+
+    widths = {n: x.new_ones(B, n) for layer in model.model.layers for n in (
+        layer.self_attn.o_proj.in_features, (layer.feed_forward.shared_expert if layer.is_moe else
+                                             layer.feed_forward).down_proj.in_features)}  # inputs of other widths
+
+    def once():
+        for i, layer in enumerate(model.model.layers):
+            at, ff = layer.self_attn, layer.feed_forward
+            for proj in (at.q_proj, at.k_proj, at.v_proj):
+                proj(x)
+            at.o_proj(widths[at.o_proj.in_features])
+            mlp = ff.shared_expert if layer.is_moe else ff
+            mlp.gate_proj(x)
+            mlp.up_proj(x)
+            mlp.down_proj(widths[mlp.down_proj.in_features])
+            if layer.is_moe:
+                ff.router(x)
+                torch._grouped_mm(x, ff.experts.gate_up_proj, offs=routes[i])
+                torch._grouped_mm(widths[ff.experts.down_proj.shape[1]], ff.experts.down_proj, offs=routes[i])
+        model.lm_head(x)
+
+    times = []
+    for i in range(repeats + 5):
+        t0 = time.perf_counter()
+        once()
+        sync(model.device)
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
 def hf_run(model, prompts, n) -> tuple[float, float, list]:
     ids = torch.tensor(prompts, device=model.device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -110,7 +156,7 @@ def hf_run(model, prompts, n) -> tuple[float, float, list]:
     return ttft, time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
 
 
-def mixed_run(ours, theirs, tok, B: int, g: torch.Generator, repeats: int) -> dict:
+def mixed_run(ours, theirs, tok, B: int, g: torch.Generator, repeats: int, slot: bool) -> dict:
     """4 x B requests of mixed prompt and output lengths: useful tokens/s of herd (max_batch B) and of transformers
     (static batches of B), best of `repeats` runs of the same workload (the first run on a GPU also pays for loading
     the kernels of every new shape); `same` says every request got the same tokens on both sides."""
@@ -118,14 +164,18 @@ def mixed_run(ours, theirs, tok, B: int, g: torch.Generator, repeats: int) -> di
     lens = torch.randint(16, 129, (n,), generator=g).tolist()
     outs = torch.randint(8, 65, (n,), generator=g).tolist()
     prompts = [torch.randint(3, 900, (m,), generator=g).tolist() for m in lens]
-    herd_s = theirs_s = float("inf")
+    herd_s = theirs_s = slot_s = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        engine = Engine(ours, tok, max_batch=B)
-        reqs = [engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=k))
-                for p, k in zip(prompts, outs, strict=True)]
-        engine.run()
-        herd_s = min(herd_s, time.perf_counter() - t0)
+        for cls in (Engine, SlotEngine) if slot else (Engine,):
+            t0 = time.perf_counter()
+            engine = cls(ours, tok, max_batch=B)
+            reqs = [engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=k))
+                    for p, k in zip(prompts, outs, strict=True)]
+            engine.run()
+            if cls is Engine:
+                herd_s, herd_tokens = min(herd_s, time.perf_counter() - t0), [r.output_ids for r in reqs]
+            else:
+                slot_s, slot_tokens = min(slot_s, time.perf_counter() - t0), [r.output_ids for r in reqs]
         theirs_tokens, t0 = [], time.perf_counter()
         for i in range(0, n, B):
             group, k = prompts[i:i + B], max(outs[i:i + B])
@@ -137,8 +187,11 @@ def mixed_run(ours, theirs, tok, B: int, g: torch.Generator, repeats: int) -> di
             theirs_tokens += [row[width:width + m] for row, m in zip(out.tolist(), outs[i:i + B], strict=True)]
         theirs_s = min(theirs_s, time.perf_counter() - t0)
     useful = sum(outs)
-    return {"requests": n, "useful_tokens": useful, "herd_tok_s": useful / herd_s, "transformers_tok_s":
-            useful / theirs_s, "same": [r.output_ids for r in reqs] == theirs_tokens}
+    out = {"requests": n, "useful_tokens": useful, "herd_tok_s": useful / herd_s, "transformers_tok_s":
+           useful / theirs_s, "same": herd_tokens == theirs_tokens}
+    if slot:
+        out |= {"slot_tok_s": useful / slot_s, "slot_same": slot_tokens == theirs_tokens}
+    return out
 
 
 def main(argv=None) -> int:
@@ -152,9 +205,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,
                    help="also the mixed-length workload (default on)")
+    p.add_argument("--slot", action=argparse.BooleanOptionalAction, default=None,
+                   help="also herd.infer.slot_engine.SlotEngine (CUDA graphs on a GPU); default on for cuda only")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results/bench_engine.json")
     a = p.parse_args(argv)
+    if a.slot is None:
+        a.slot = torch.device(a.device).type == "cuda"
     torch.set_num_threads(a.threads)
     size = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                 intermediate_size=512, intermediate_size_mlp=1024, num_local_experts=8, vocab_size=2048,
@@ -176,8 +233,9 @@ def main(argv=None) -> int:
     for B in [int(b) for b in a.batches.split(",")]:
         prompts = torch.randint(3, 900, (B, a.prompt_len), generator=g).tolist()
         best = {}
-        for side in ("herd", "transformers"):
+        for side in ("herd", "transformers") + (("slot",) if a.slot else ()):
             runs = [herd_run(ours, tok, prompts, a.new_tokens) if side == "herd" else
+                    herd_run(ours, tok, prompts, a.new_tokens, SlotEngine) if side == "slot" else
                     hf_run(theirs, prompts, a.new_tokens) for _ in range(a.repeats)]
             ttft = min(r[0] for r in runs)
             decode = max(B * (a.new_tokens - 1) / max(r[1] - r[0], 1e-9) for r in runs)
@@ -186,33 +244,48 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
         h, t = best["herd"], best["transformers"]
         same = h["tokens"] == t["tokens"]
+        slot_cells = ""
+        if a.slot:
+            sl = best["slot"]
+            ratio, ok = sl["decode_tok_s"] / t["decode_tok_s"], sl["tokens"] == t["tokens"]
+            slot_cells = f"{sl['ttft_s']:.3f} | {sl['decode_tok_s']:,.0f} | {ratio:.2f}x | {ok} |"
         step_ms, mm_ms = matmul_share(ours, tok, prompts)
         measured = mm_ms == mm_ms  # NaN on a GPU (matmul_share)
         ceiling = B / (mm_ms / 1e3) if measured else None
+        loop_ms = matmul_loop_ms(ours, B) if measured else None
         results[B] = {k: {x: y for x, y in v.items() if x != "tokens"} for k, v in best.items()} | {
-            "same": same, "herd_step_ms": step_ms, "herd_matmul_ms": mm_ms if measured else None,
+            "same": same, "slot_same": best["slot"]["tokens"] == t["tokens"] if a.slot else None,
+            "herd_step_ms": step_ms, "herd_matmul_ms": mm_ms if measured else None, "matmul_loop_ms": loop_ms,
             "ceiling_tok_s": ceiling}
-        print(f"[{time.strftime('%H:%M:%S')}] B={B} herd step {step_ms:.2f} ms, matmuls {mm_ms:.2f} ms",
-              file=sys.stderr, flush=True)
-        share = f"{mm_ms / step_ms:.0%} | {ceiling:,.0f} | {ceiling / t['decode_tok_s']:.2f}x" if measured else \
-            "n/a | n/a | n/a"
+        print(f"[{time.strftime('%H:%M:%S')}] B={B} herd step {step_ms:.2f} ms, matmuls {mm_ms:.2f} ms, "
+              f"matmul loop {loop_ms} ms", file=sys.stderr, flush=True)
+        share = f"{mm_ms / step_ms:.0%} | {loop_ms:.2f} | {ceiling:,.0f} | {ceiling / t['decode_tok_s']:.2f}x" \
+            if measured else "n/a | n/a | n/a | n/a"
         rows.append(f"| {B} | {h['ttft_s']:.3f} | {t['ttft_s']:.3f} | {h['decode_tok_s']:,.0f} | "
-                    f"{t['decode_tok_s']:,.0f} | {h['decode_tok_s'] / t['decode_tok_s']:.2f}x | {share} | {same} |")
+                    f"{t['decode_tok_s']:,.0f} | {h['decode_tok_s'] / t['decode_tok_s']:.2f}x | {share} | {same} | "
+                    f"{slot_cells}".rstrip())
+    slot_head = ("TTFT slot (s) | decode slot tok/s | slot / transformers | slot same tokens |",
+                 "---:|---:|---:|---|") if a.slot else ("", "")
     print("| batch | TTFT herd (s) | TTFT transformers (s) | decode herd tok/s | decode transformers tok/s | "
-          "herd / transformers | matmuls in herd's step | ceiling tok/s | ceiling / transformers | same tokens |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "herd / transformers | matmuls in herd's step | matmul loop ms | ceiling tok/s | ceiling / transformers | "
+          f"same tokens |{' ' * a.slot}{slot_head[0]}\n"
+          f"|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|{slot_head[1]}")
     print("\n".join(rows))
     mixed = {}
     if a.mixed:
         for B in [int(b) for b in a.batches.split(",")]:
-            m = mixed[B] = mixed_run(ours, theirs, tok, B, g, a.repeats)
+            m = mixed[B] = mixed_run(ours, theirs, tok, B, g, a.repeats, a.slot)
             print(f"[{time.strftime('%H:%M:%S')}] mixed B={B}: herd {m['herd_tok_s']:,.0f} tok/s, transformers "
                   f"{m['transformers_tok_s']:,.0f} tok/s", file=sys.stderr, flush=True)
         print("\n| batch | requests | useful tokens | herd tok/s | transformers tok/s | herd / transformers | "
-              "same tokens |\n|---:|---:|---:|---:|---:|---:|---|")
+              "same tokens |" + (" slot tok/s | slot / transformers | slot same tokens |" if a.slot else "") +
+              "\n|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|---|" if a.slot else ""))
         for B, m in mixed.items():
+            extra = (f" {m['slot_tok_s']:,.0f} | {m['slot_tok_s'] / m['transformers_tok_s']:.2f}x | {m['slot_same']} |"
+                     if a.slot else "")
             print(f"| {B} | {m['requests']} | {m['useful_tokens']:,} | {m['herd_tok_s']:,.0f} | "
-                  f"{m['transformers_tok_s']:,.0f} | {m['herd_tok_s'] / m['transformers_tok_s']:.2f}x | {m['same']} |")
+                  f"{m['transformers_tok_s']:,.0f} | {m['herd_tok_s'] / m['transformers_tok_s']:.2f}x | {m['same']} |"
+                  + extra)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = torch.cuda.get_device_name() if torch.device(a.device).type == "cuda" else \
@@ -220,7 +293,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({"machine": machine, "device": a.device, "dtype": a.dtype, "threads": a.threads,
                                "torch": torch.__version__, "transformers": transformers.__version__,
                                "config": size or "tiny", "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-                               "results": results, "mixed": mixed}, indent=1))
+                               "slot_engine": a.slot, "results": results, "mixed": mixed}, indent=1))
     return 0
 
 

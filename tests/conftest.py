@@ -86,3 +86,16 @@ def twin_multimodal(cfg: herd.Llama4Config, seed: int = 0):
     missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected and not missing, (missing, unexpected)
     return ours.eval(), ref
+
+
+def image_request(model, tok, new_tokens: int):
+    """A one-image chat prompt for a tiny multimodal model: (prompt ids, pixel values, what herd.generate gives it
+    alone greedily: `new_tokens` ids) - the reference an engine's image request must equal."""
+    from herd.chat import prepare_chat
+    from herd.data.synthetic import scene_chat
+
+    v = model.config.vision_config
+    ids, images = prepare_chat(scene_chat(0, 1, "qa", size=56)[1][:1], tok, tile_size=v.image_size,
+                               max_tiles=v.max_tiles, tokens_per_tile=v.tokens_per_tile)
+    alone = herd.generate(model, torch.tensor([ids]), new_tokens, pixel_values=images.pixel_values)
+    return ids, images.pixel_values, alone[0, len(ids):].tolist()

@@ -99,6 +99,8 @@ def test_bad_runtime_options_fail_cleanly(ckpt):
     assert bad.returncode == 2 and "--device tpu9" in bad.stderr and "Traceback" not in bad.stderr
     bad = herd("generate", "--model", ckpt, "--prompt-ids", "1,2", "--quantize", "int3", ok=False)
     assert bad.returncode == 2 and "invalid choice: 'int3'" in bad.stderr
+    bad = herd("serve", "--model", ckpt, "--device", "cpu", "--cuda-graphs", ok=False)
+    assert bad.returncode == 2 and "cuda_graphs needs a model on a CUDA device" in bad.stderr
 
 
 def test_bad_inputs_fail_cleanly(ckpt, tmp_path):

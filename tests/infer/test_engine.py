@@ -16,7 +16,7 @@ from herd.infer.engine import Engine
 from herd.infer.sampling import SamplingParams
 from herd.model.cache import SLACK
 from herd.tokenizer import tiny_tokenizer
-from tests.conftest import twin_models
+from tests.conftest import image_request, twin_models
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -186,23 +186,17 @@ def test_stop_strings_eos_and_logprobs(tok):
 
 
 def test_an_image_request_in_a_batch_equals_generate_alone(tok):
-    from herd.chat import prepare_chat
-    from herd.data.synthetic import scene_chat
-
     cfg = herd.multimodal_preset("tiny")
     model = herd.build_model(cfg, seed=11).eval()
-    v = cfg.vision_config
-    ids, images = prepare_chat(scene_chat(0, 1, "qa", size=56)[1][:1], tok, tile_size=v.image_size,
-                               max_tiles=v.max_tiles, tokens_per_tile=v.tokens_per_tile)
-    expected = herd.generate(model, torch.tensor([ids]), 25, pixel_values=images.pixel_values)[0, len(ids):].tolist()
+    ids, pixels, expected = image_request(model, tok, 25)
     engine = Engine(model, tok, prefill_chunk=8)  # the image prompt is prefilled whole; the text one in pieces
     text_req = engine.submit(_prompts(cfg.text_config, [30], seed=11)[0], SamplingParams(max_new_tokens=30, **GREEDY))
     engine.step()
-    image_req = engine.submit(ids, SamplingParams(max_new_tokens=25, **GREEDY), pixel_values=images.pixel_values)
+    image_req = engine.submit(ids, SamplingParams(max_new_tokens=25, **GREEDY), pixel_values=pixels)
     engine.run()
     assert image_req.output_ids == expected and len(text_req.output_ids) == 30
     with pytest.raises(ValueError, match="text-only model"):
-        Engine(herd.build_model(cfg.text_config, seed=0), tok).submit(ids, pixel_values=images.pixel_values)
+        Engine(herd.build_model(cfg.text_config, seed=0), tok).submit(ids, pixel_values=pixels)
 
 
 def test_a_padded_vocabulary_never_yields_ids_the_tokenizer_lacks(tok):

@@ -117,7 +117,10 @@ class MoE(nn.Module):
         flat_e = top_idx.reshape(-1)  # (N*k,)
         order = torch.argsort(flat_e, stable=True)
         token = order // k  # token of each sorted assignment
-        counts = torch.bincount(flat_e, minlength=self.n_experts)  # (E,)
+        # a scatter, not bincount: bincount on CUDA reads the largest id back to the host, which would stop a decode
+        # step from being captured as a CUDA graph (herd.infer.slot_engine)
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
+            0, flat_e, torch.ones_like(flat_e))  # (E,)
         scaled = x[token] * weights.reshape(-1)[order, None]  # (N*k, D) expert INPUT scaled by its weight
         # one row on CPU (batch-1 decode): one expert's plain matmuls beat a grouped call over all E groups. The
         # grouped kernel does not cast (autocast leaves it alone), so it also needs weights of the input's dtype.
