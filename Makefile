@@ -8,6 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.herd-installed
 BROWSER := $(VENV)/.chromium-installed
+COMPILER := $(VENV)/.compiler-checked
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: test demo lint bench install clean
@@ -27,9 +28,16 @@ $(BROWSER): | $(BIN)/python
 		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 	touch $(BROWSER)
 
-install: $(STAMP) $(BROWSER)
+# torch.compile on CPU (herd.infer.slot_engine's compiled step) builds C++ with g++ against Python's headers
+$(COMPILER): | $(BIN)/python
+	command -v g++ >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q g++; }
+	$(BIN)/python -c "import os, sysconfig; assert os.path.isfile(sysconfig.get_paths()['include'] + '/Python.h')" \
+		2>/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q python3-dev; }
+	touch $(COMPILER)
 
-test: $(STAMP) $(BROWSER)
+install: $(STAMP) $(BROWSER) $(COMPILER)
+
+test: $(STAMP) $(BROWSER) $(COMPILER)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -33,7 +33,11 @@ On a GPU (`--device cuda --dtype bfloat16`) the same tables are measured there; 
 profiler's CPU self time says nothing of kernels), and greedy tokens may differ in bfloat16 (different kernels round
 differently; a near-tie flips).
 
+`--slot` adds herd.infer.slot_engine.SlotEngine (fixed-shape decode step; CUDA graphs on a GPU) to both tables,
+`--compile` its step compiled with torch.compile (one engine per batch size, reused across runs as a server would).
+
 Run:  .venv/bin/python benchmarks/bench_engine.py            (a few minutes on 2 cores)
+      .venv/bin/python benchmarks/bench_engine.py --compile  (plus compiling: a few more minutes)
       .venv/bin/python benchmarks/bench_engine.py --quick
       python benchmarks/bench_engine.py --device cuda --dtype bfloat16
 Writes a markdown table and JSON to benchmarks/results/bench_engine.json.
@@ -63,8 +67,21 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def herd_run(model, tok, prompts, n, engine_cls=Engine) -> tuple[float, float, list]:
-    engine = engine_cls(model, tok, max_batch=len(prompts))
+_SLOT_ENGINES: dict[tuple[int, bool], SlotEngine] = {}
+
+
+def slot_engine(model, tok, B: int, compile: bool) -> SlotEngine:
+    """One SlotEngine per batch size, reused from run to run as a server reuses its engine (a compiled one keeps its
+    graphs; a new engine would compile its step again)."""
+    key = (B, compile)
+    if key not in _SLOT_ENGINES:
+        _SLOT_ENGINES[key] = SlotEngine(model, tok, max_batch=B, compile=compile)
+    return _SLOT_ENGINES[key]
+
+
+def herd_run(model, tok, prompts, n, make=None) -> tuple[float, float, list]:
+    """(time to first token, total time, tokens) of one engine run; `make(B)` builds the engine (default: Engine)."""
+    engine = make(len(prompts)) if make else Engine(model, tok, max_batch=len(prompts))
     t0 = time.perf_counter()
     reqs = [engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=n)) for p in prompts]
     while not all(r.output_ids for r in reqs):
@@ -156,7 +173,7 @@ def hf_run(model, prompts, n) -> tuple[float, float, list]:
     return ttft, time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
 
 
-def mixed_run(ours, theirs, tok, B: int, g: torch.Generator, repeats: int, slot: bool) -> dict:
+def mixed_run(ours, theirs, tok, B: int, g: torch.Generator, repeats: int, slot=None) -> dict:
     """4 x B requests of mixed prompt and output lengths: useful tokens/s of herd (max_batch B) and of transformers
     (static batches of B), best of `repeats` runs of the same workload (the first run on a GPU also pays for loading
     the kernels of every new shape); `same` says every request got the same tokens on both sides."""
@@ -168,7 +185,7 @@ def mixed_run(ours, theirs, tok, B: int, g: torch.Generator, repeats: int, slot:
     for _ in range(repeats):
         for cls in (Engine, SlotEngine) if slot else (Engine,):
             t0 = time.perf_counter()
-            engine = cls(ours, tok, max_batch=B)
+            engine = Engine(ours, tok, max_batch=B) if cls is Engine else slot(B)
             reqs = [engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=k))
                     for p, k in zip(prompts, outs, strict=True)]
             engine.run()
@@ -207,11 +224,14 @@ def main(argv=None) -> int:
                    help="also the mixed-length workload (default on)")
     p.add_argument("--slot", action=argparse.BooleanOptionalAction, default=None,
                    help="also herd.infer.slot_engine.SlotEngine (CUDA graphs on a GPU); default on for cuda only")
+    p.add_argument("--compile", action="store_true", help="the slot engine's step through torch.compile (implies "
+                   "--slot; the first run of each batch size pays for compiling, best-of-repeats leaves it out)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results/bench_engine.json")
     a = p.parse_args(argv)
     if a.slot is None:
-        a.slot = torch.device(a.device).type == "cuda"
+        a.slot = torch.device(a.device).type == "cuda" or a.compile
+    a.slot = a.slot or a.compile
     torch.set_num_threads(a.threads)
     size = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                 intermediate_size=512, intermediate_size_mlp=1024, num_local_experts=8, vocab_size=2048,
@@ -229,13 +249,16 @@ def main(argv=None) -> int:
         ours = herd.from_pretrained(tmp, dtype=dtype, device=a.device).eval()
         theirs = Llama4ForCausalLM.from_pretrained(tmp, dtype=dtype).to(a.device).eval()
     tok, rows, results = tiny_tokenizer(), [], {}
+
+    def make_slot(B):
+        return slot_engine(ours, tok, B, a.compile)
     g = torch.Generator().manual_seed(0)
     for B in [int(b) for b in a.batches.split(",")]:
         prompts = torch.randint(3, 900, (B, a.prompt_len), generator=g).tolist()
         best = {}
         for side in ("herd", "transformers") + (("slot",) if a.slot else ()):
             runs = [herd_run(ours, tok, prompts, a.new_tokens) if side == "herd" else
-                    herd_run(ours, tok, prompts, a.new_tokens, SlotEngine) if side == "slot" else
+                    herd_run(ours, tok, prompts, a.new_tokens, make_slot) if side == "slot" else
                     hf_run(theirs, prompts, a.new_tokens) for _ in range(a.repeats)]
             ttft = min(r[0] for r in runs)
             decode = max(B * (a.new_tokens - 1) / max(r[1] - r[0], 1e-9) for r in runs)
@@ -274,7 +297,7 @@ def main(argv=None) -> int:
     mixed = {}
     if a.mixed:
         for B in [int(b) for b in a.batches.split(",")]:
-            m = mixed[B] = mixed_run(ours, theirs, tok, B, g, a.repeats, a.slot)
+            m = mixed[B] = mixed_run(ours, theirs, tok, B, g, a.repeats, make_slot if a.slot else None)
             print(f"[{time.strftime('%H:%M:%S')}] mixed B={B}: herd {m['herd_tok_s']:,.0f} tok/s, transformers "
                   f"{m['transformers_tok_s']:,.0f} tok/s", file=sys.stderr, flush=True)
         print("\n| batch | requests | useful tokens | herd tok/s | transformers tok/s | herd / transformers | "
@@ -293,7 +316,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({"machine": machine, "device": a.device, "dtype": a.dtype, "threads": a.threads,
                                "torch": torch.__version__, "transformers": transformers.__version__,
                                "config": size or "tiny", "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-                               "slot_engine": a.slot, "results": results, "mixed": mixed}, indent=1))
+                               "slot_engine": a.slot, "slot_compiled": a.compile, "results": results,
+                               "mixed": mixed}, indent=1))
     return 0
 
 

@@ -8,7 +8,7 @@
 #      4096 rows: bfloat16 vs fp8 weights vs fp8 dynamic);
 #   4. benchmarks/bench_fp8_matmul.py (where the time of one fp8 dynamic linear goes, against bfloat16);
 #   5. benchmarks/bench_engine.py on the GPU (herd's engine, and the slot engine with CUDA graphs, vs transformers'
-#      generate, bfloat16).
+#      generate, bfloat16), then once more with the slot engine's step compiled (torch.compile + CUDA graphs).
 # Usage: scripts/gpu_checks.sh [OUTDIR]   with a CUDA build of torch and transformers importable by $PYTHON
 # (default python3); herd is taken from src/ when it is not installed. Tables and JSON land in OUTDIR.
 set -uo pipefail
@@ -43,4 +43,6 @@ run bench_quant 150 "$PY" benchmarks/bench_quant.py --device cuda --dtype bfloat
     --layer-batches 1,16,256,4096 --out "$OUT/bench_quant_cuda.json"
 run bench_fp8_matmul 120 "$PY" benchmarks/bench_fp8_matmul.py --out "$OUT/bench_fp8_matmul.json"
 run bench_engine 300 "$PY" benchmarks/bench_engine.py --device cuda --dtype bfloat16 --out "$OUT/bench_engine_cuda.json"
+run bench_engine_compiled 420 "$PY" benchmarks/bench_engine.py --device cuda --dtype bfloat16 --compile --no-mixed \
+    --out "$OUT/bench_engine_cuda_compiled.json"
 exit $status

@@ -103,6 +103,21 @@ def test_bad_runtime_options_fail_cleanly(ckpt):
     assert bad.returncode == 2 and "cuda_graphs needs a model on a CUDA device" in bad.stderr
 
 
+def test_serve_compile_runs_the_slot_engine(ckpt):
+    """`herd serve --compile` wiring: the service decodes with a compiled SlotEngine (the compiled step itself is
+    tested in tests/infer/test_slot_engine.py; compiling happens at the first decode step, not here)."""
+    from herd.infer.slot_engine import SlotEngine
+    from herd.serve import build_service
+
+    service = build_service(str(ckpt), compile=True, max_batch=4)
+    try:
+        engine = service.worker.engine
+        assert isinstance(engine, SlotEngine) and engine.compiled and not engine.cuda_graphs
+        assert engine.slot_cache.rows == 4
+    finally:
+        service.worker.stop(0)
+
+
 def test_bad_inputs_fail_cleanly(ckpt, tmp_path):
     bad = herd("info", "--model", tmp_path / "none", ok=False)
     assert bad.returncode == 2 and "no config.json" in bad.stderr

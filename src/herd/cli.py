@@ -205,7 +205,8 @@ def cmd_serve(args) -> int:
     try:
         service = build_service(args.model, args.name, dtype=getattr(torch, args.dtype) if args.dtype else None,
                                 device=device, quantize=args.quantize, group_size=args.group_size,
-                                max_batch=args.max_batch, cuda_graphs=args.cuda_graphs, media_dir=args.media_dir,
+                                max_batch=args.max_batch, cuda_graphs=args.cuda_graphs, compile=args.compile,
+                                media_dir=args.media_dir,
                                 api_key=args.api_key or os.environ.get("HERD_API_KEY"),
                                 max_request_bytes=args.max_request_mb * 2**20, max_concurrent=args.max_concurrent,
                                 max_images=args.max_images, max_image_bytes=int(args.max_image_mb * 2**20))
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     sp.add_argument("--cuda-graphs", action="store_true",
                     help="fixed-shape decode step replayed as CUDA graphs (herd.infer.slot_engine; CUDA only)")
+    sp.add_argument("--compile", action="store_true",
+                    help="fixed-shape decode step through torch.compile (each batch size compiles on first use)")
     sp.add_argument("--media-dir", default=None, help="folder whose image files requests may name by path")
     sp.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set HERD_API_KEY)")
     sp.add_argument("--max-request-mb", type=int, default=64, help="larger request bodies get 413")

@@ -91,6 +91,19 @@ if torch.cuda.is_available():  # defined only where it can run: the CPU-only CI 
         torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
 
 
+def test_the_compiled_step_gives_the_same_tokens(tok):
+    """torch.compile of the whole step (fullgraph: any graph break would raise), on CPU through inductor's C++
+    wrapper: two rows at different positions cross the 16-token chunks (ring wrap-arounds) in the graph for 2 rows;
+    when the second row ends, the first goes on alone in the graph for 1 row (where the eager CPU step would loop
+    over experts instead of the grouped operator)."""
+    model = herd.build_model(herd.preset("tiny"), seed=12)
+    prompts = _prompts([9, 23], seed=12)
+    expected = [r.output_ids for r in _run(Engine(model, tok), prompts, [40, 25])]
+    engine = SlotEngine(model, tok, max_batch=2, capacity=64, compile=True)
+    assert [r.output_ids for r in _run(engine, prompts, [40, 25])] == expected
+    assert engine.slot_cache.capacity == 64  # no growth: two graphs, (2 rows, 64 positions) and (1 row, 64)
+
+
 def test_an_image_request_equals_generate_alone(tok):
     model = herd.build_model(herd.multimodal_preset("tiny"), seed=11).eval()
     ids, pixels, expected = image_request(model, tok, 25)

@@ -67,8 +67,25 @@ class Experts(nn.Module):
 
     def grouped(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """Every expert on its rows of x (M, D), sorted by expert: rows ends[e-1]:ends[e] (int32 (E,)) go to e."""
-        gate, up = torch._grouped_mm(x, self.gate_up_proj, offs=ends).chunk(2, dim=-1)  # (M, F) each
-        return torch._grouped_mm(up * F.silu(gate), self.down_proj, offs=ends)  # (M, D)
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # a compiled decode step: opaque
+            return grouped_swiglu(x, self.gate_up_proj, self.down_proj, ends)
+        return _grouped_swiglu(x, self.gate_up_proj, self.down_proj, ends)
+
+
+def _grouped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    gate, up = torch._grouped_mm(x, gate_up, offs=ends).chunk(2, dim=-1)  # (M, F) each
+    return torch._grouped_mm(up * F.silu(gate), down, offs=ends)  # (M, D)
+
+
+# The same computation as one opaque operator, for torch.compile of inference steps (herd.infer.slot_engine):
+# inductor cannot trace torch._grouped_mm in float32 (its shape function takes bfloat16 only), and an operator it
+# only calls needs no tracing. It has no backward, so training (grad enabled) traces the plain function above.
+grouped_swiglu = torch.library.custom_op("herd::grouped_swiglu", mutates_args=())(_grouped_swiglu)
+
+
+@grouped_swiglu.register_fake
+def _(x, gate_up, down, ends):
+    return x.new_empty(x.shape[0], down.shape[-1])  # (M, D)
 
 
 class Router(nn.Linear):
@@ -122,10 +139,11 @@ class MoE(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
             0, flat_e, torch.ones_like(flat_e))  # (E,)
         scaled = x[token] * weights.reshape(-1)[order, None]  # (N*k, D) expert INPUT scaled by its weight
-        # one row on CPU (batch-1 decode): one expert's plain matmuls beat a grouped call over all E groups. The
-        # grouped kernel does not cast (autocast leaves it alone), so it also needs weights of the input's dtype.
+        # one row on CPU (batch-1 decode): one expert's plain matmuls beat a grouped call over all E groups, except
+        # in a compiled step, which cannot follow the loop's data-dependent sizes. The grouped kernel does not cast
+        # (autocast leaves it alone), so it also needs weights of the input's dtype.
         grouped = hasattr(self.experts, "grouped") and self.experts.gate_up_proj.dtype == scaled.dtype
-        if grouped and grouped_mm_ok(scaled) and (N * k > 1 or x.is_cuda):
+        if grouped and grouped_mm_ok(scaled) and (N * k > 1 or x.is_cuda or torch.compiler.is_compiling()):
             y = self.experts.grouped(scaled, counts.cumsum(0).to(torch.int32))  # (N*k, D) in sorted order
         else:
             outs, start = [], 0

@@ -8,12 +8,12 @@ from pathlib import Path
 
 def build_service(model_dir: str, name: str | None = None, dtype=None, device: str = "cpu",
                   quantize: str | None = None, group_size: int | None = 128, max_batch: int = 32,
-                  cuda_graphs: bool = False,
+                  cuda_graphs: bool = False, compile: bool = False,
                   media_dir: str | None = None, api_key: str | None = None, max_request_bytes: int = 64 * 2**20,
                   max_concurrent: int = 64, max_images: int = 8, max_image_bytes: int = 20 * 2**20):
     """Load a checkpoint with its tokenizer and generation defaults (on `device`, optionally quantized with a
-    herd.infer.quant scheme), start the engine thread; returns a Service. `cuda_graphs`: decode with
-    herd.infer.slot_engine.SlotEngine, its step captured as CUDA graphs (a CUDA device only)."""
+    herd.infer.quant scheme), start the engine thread; returns a Service. `cuda_graphs` / `compile`: decode with
+    herd.infer.slot_engine.SlotEngine, its step captured as CUDA graphs (a CUDA device only) / torch.compiled."""
     from herd.checkpoint import from_pretrained
     from herd.infer.engine import Engine
     from herd.serve.service import Service
@@ -32,10 +32,10 @@ def build_service(model_dir: str, name: str | None = None, dtype=None, device: s
     gen = root / "generation_config.json"
     defaults = {k: v for k, v in json.loads(gen.read_text()).items() if k in ("temperature", "top_p", "top_k")} \
         if gen.is_file() else {}
-    if cuda_graphs:
+    if cuda_graphs or compile:
         from herd.infer.slot_engine import SlotEngine
 
-        engine = SlotEngine(model, tok, max_batch=max_batch, cuda_graphs=True)
+        engine = SlotEngine(model, tok, max_batch=max_batch, cuda_graphs=cuda_graphs, compile=compile)
     else:
         engine = Engine(model, tok, max_batch=max_batch)
     worker = EngineWorker(engine)
