@@ -104,6 +104,21 @@ def test_the_compiled_step_gives_the_same_tokens(tok):
     assert engine.slot_cache.capacity == 64  # no growth: two graphs, (2 rows, 64 positions) and (1 row, 64)
 
 
+def test_a_step_that_cannot_be_compiled_runs_eagerly_with_a_warning(tok):
+    """int8 experts loop over experts by their counts (data-dependent): compiling the whole step fails at the first
+    decode step; the engine warns, goes on eagerly and the requests get their tokens."""
+    from herd.infer.quant import quantize
+
+    model = herd.build_model(herd.preset("tiny"), seed=13)
+    quantize(model, bits=8)
+    prompts = _prompts([6, 11], seed=13)
+    expected = [r.output_ids for r in _run(Engine(model, tok), prompts, [12, 12])]
+    engine = SlotEngine(model, tok, max_batch=2, compile=True)
+    with pytest.warns(UserWarning, match="could not be compiled"):
+        assert [r.output_ids for r in _run(engine, prompts, [12, 12])] == expected
+    assert not engine.compiled
+
+
 def test_an_image_request_equals_generate_alone(tok):
     model = herd.build_model(herd.multimodal_preset("tiny"), seed=11).eval()
     ids, pixels, expected = image_request(model, tok, 25)

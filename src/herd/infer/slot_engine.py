@@ -19,7 +19,8 @@ addresses, hence this engine:
   eager step with a warning. Without graphs the same step runs eagerly (CPU: tests and the benchmark's A/B);
 - with `compile` the step goes through torch.compile first (one graph per batch size and capacity, compiled on first
   use: tens of seconds each on a small CPU). On the 2-core CPU it takes the benchmark model's batch-8 step from
-  9.3 to 6.1 ms; on a GPU it fuses the step's small kernels before the capture.
+  9.3 to 6.1 ms; on a GPU it fuses the step's small kernels before the capture. A step it cannot take whole
+  (quantized experts loop over experts by their counts) runs eagerly, with a warning.
 
 Use: `SlotEngine(model, tokenizer, max_batch=32, compile=False)`, then as herd.infer.engine.Engine.
 Shapes: b rows in a step, V vocab, D hidden.
@@ -63,9 +64,9 @@ class SlotEngine(Engine):
         self._in_pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)
 
     def _compile(self):
-        """torch.compile of the step: whole (no graph breaks: what it cannot trace is an error here, not a silent
-        slowdown), one graph per (batch size, capacity), the grouped experts an opaque operator (herd.model.moe);
-        on CPU with inductor's C++ wrapper, whose per-call cost is far below the Python one's."""
+        """torch.compile of the step: whole (fullgraph: a step with a graph break would be slow in pieces; `_call`
+        runs it eagerly instead), one graph per (batch size, capacity), the grouped experts an opaque operator
+        (herd.model.moe); on CPU with inductor's C++ wrapper, whose per-call cost is far below the Python one's."""
         import torch._dynamo
 
         # one graph per capture size and capacity doubling: more than dynamo's default of 8 per function
@@ -123,7 +124,7 @@ class SlotEngine(Engine):
             ids[s], pos[s] = t, n  # row s feeds its last token at its real position
         ids_t = torch.tensor(ids, device=self.device)
         pos_t = torch.tensor(pos, device=self.device)
-        logits = self._replay(ids_t, pos_t) if self.cuda_graphs else self._step(ids_t, pos_t)  # (b, V)
+        logits = self._replay(ids_t, pos_t) if self.cuda_graphs else self._call(ids_t, pos_t)  # (b, V)
         self.lengths = [n + 1 for n in self.lengths]
         self._sample(logits[torch.tensor(self.slots, device=self.device)], list(range(len(self.running))))
 
@@ -137,6 +138,19 @@ class SlotEngine(Engine):
             x, _ = layer(x, phases, pos[:, None], masks[layer.chunked], cache)
         return lm.lm_head(lm.model.norm(x))[:, -1]  # (b, V)
 
+    def _call(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The step, compiled if asked; a step torch.compile cannot take whole (e.g. quantized experts, which loop
+        over experts by their counts) runs eagerly from then on, with a warning, rather than failing requests."""
+        if not self.compiled:
+            return self.forward(ids, pos)
+        try:
+            return self._step(ids, pos)
+        except Exception as e:  # dynamo's and symbolic shapes' errors share no base; a real error recurs eagerly
+            warnings.warn(f"the decode step could not be compiled ({str(e).splitlines()[0]}); running it eagerly",
+                          stacklevel=2)
+            self._step, self.compiled = self.forward, False
+            return self.forward(ids, pos)
+
     def _replay(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         b = ids.shape[0]
         self._in_ids[:b].copy_(ids)
@@ -148,7 +162,7 @@ class SlotEngine(Engine):
                 warnings.warn(f"the decode step could not be captured as a CUDA graph ({e}); running it eagerly",
                               stacklevel=2)
                 self.cuda_graphs, self.graphs = False, {}
-                return self._step(ids, pos)
+                return self._call(ids, pos)
         graph, out = self.graphs[b]
         graph.replay()
         return out
@@ -161,7 +175,7 @@ class SlotEngine(Engine):
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # kernels load and workspaces are allocated outside the capture
             for _ in range(2):
-                self._step(ids, pos)
+                self._call(ids, pos)  # compiles first, if asked (and falls back before the capture if it cannot)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
