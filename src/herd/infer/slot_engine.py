@@ -28,6 +28,7 @@ Shapes: b rows in a step, V vocab, D hidden.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -69,6 +70,10 @@ class SlotEngine(Engine):
         (herd.model.moe); on CPU with inductor's C++ wrapper, whose per-call cost is far below the Python one's."""
         import torch._dynamo
 
+        # the C++ wrapper notes every view op it calls through its generic path (a few per layer, per compile): noise
+        # in a server's log, so that one message is dropped
+        logging.getLogger("torch._inductor.ir").addFilter(
+            lambda record: "missing a c-shim implementation" not in record.getMessage())
         # one graph per capture size and capacity doubling: more than dynamo's default of 8 per function
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
