@@ -31,6 +31,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from herd.serve.service import APIError, Service, sampling_params
 from herd.tools import ToolCallStreamParser, finish_reason, parse_tool_calls
 
+DRAIN_BYTES = 64 * 2**20  # how much of an oversized body is read and dropped so that its sender sees the 413
+
 
 def _logprobs(tok, req, start: int, end: int, chat: bool, offset: int = 0) -> dict:
     """Tokens start..end of a request's logprobs in OpenAI's shape: chat's `content` list, or the completions API's
@@ -71,12 +73,30 @@ def create_app(service: Service) -> FastAPI:
             raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
                            kind="authentication_error")
 
+    async def read_limited(request: Request) -> bytes:
+        """The body, read in chunks and kept only up to the size limit (a chunked upload declares no length). An
+        oversized body is still read on and discarded, up to DRAIN_BYTES more: answering 413 while the client is
+        still sending would close the connection under it, and it would see a reset instead of the 413."""
+        limit = svc.max_request_bytes
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            raise APIError(400, "the Content-Length header is not a number") from None
+        chunks, seen, too_big = [], 0, declared > limit
+        async for chunk in request.stream():
+            seen += len(chunk)
+            too_big = too_big or seen > limit
+            if not too_big:
+                chunks.append(chunk)
+            elif seen > limit + DRAIN_BYTES:
+                break
+        if too_big:
+            raise APIError(413, f"the request is larger than {limit} bytes")
+        return b"".join(chunks)
+
     async def body_of(request: Request) -> dict:
         authorize(request)
-        size = int(request.headers.get("content-length") or 0)
-        raw = await request.body() if size <= svc.max_request_bytes else b""
-        if max(size, len(raw)) > svc.max_request_bytes:
-            raise APIError(413, f"the request is larger than {svc.max_request_bytes} bytes")
+        raw = await read_limited(request)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
