@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/serve/test_server.py -v
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -395,6 +396,14 @@ def test_api_key_request_size_and_concurrency_limits(tmp_path_factory):
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(req, timeout=30)
             assert e.value.code == 413 and "larger than" in json.loads(e.value.read())["error"]["message"]
+        conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)  # no Content-Length: chunked
+        raw = json.dumps({"prompt": "x" * 2**21}).encode()
+        conn.request("POST", "/v1/completions", body=(raw[i:i + 2**16] for i in range(0, len(raw), 2**16)),
+                     encode_chunked=True,
+                     headers={"Content-Type": "application/json", "Authorization": "Bearer s3cret"})
+        answer = conn.getresponse()
+        assert answer.status == 413 and "larger than" in json.loads(answer.read())["error"]["message"]
+        conn.close()
         kw = dict(model="tiny", prompt="hello", max_tokens=200, temperature=1.0)
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(good.completions.create, **kw) for _ in range(4)]
