@@ -103,17 +103,34 @@ def test_bad_runtime_options_fail_cleanly(ckpt):
     assert bad.returncode == 2 and "cuda_graphs needs a model on a CUDA device" in bad.stderr
 
 
-def test_serve_compile_runs_the_slot_engine(ckpt):
-    """`herd serve --compile` wiring: the service decodes with a compiled SlotEngine (the compiled step itself is
-    tested in tests/infer/test_slot_engine.py; compiling happens at the first decode step, not here)."""
+def test_serve_compile_runs_the_slot_engine(ckpt, capsys):
+    """`herd serve --compile`: the service decodes with a compiled SlotEngine whose step was compiled before the
+    server would listen; a request then gets the plain engine's tokens and compiles nothing."""
+    import asyncio
+
+    from torch._dynamo.utils import counters
+
+    from herd.infer.engine import Engine
+    from herd.infer.sampling import SamplingParams
     from herd.infer.slot_engine import SlotEngine
     from herd.serve import build_service
 
-    service = build_service(str(ckpt), compile=True, max_batch=4)
+    service = build_service(str(ckpt), compile=True, max_batch=1)
     try:
         engine = service.worker.engine
         assert isinstance(engine, SlotEngine) and engine.compiled and not engine.cuda_graphs
-        assert engine.slot_cache.rows == 4
+        assert "preparing the decode step for 1 rows (1/1)" in capsys.readouterr().out
+        graphs = counters["stats"]["unique_graphs"]
+        params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+
+        async def ask():
+            req, queue = service.worker.submit([1, 2, 3], params)
+            while not req.finished:
+                await asyncio.wait_for(queue.get(), 60)
+            return req
+        req = asyncio.run(ask())
+        assert req.output_ids == Engine(engine.model, engine.tok).generate([[1, 2, 3]], params)[0].output_ids
+        assert counters["stats"]["unique_graphs"] == graphs and engine.compiled
     finally:
         service.worker.stop(0)
 

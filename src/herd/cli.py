@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--cuda-graphs", action="store_true",
                     help="fixed-shape decode step replayed as CUDA graphs (herd.infer.slot_engine; CUDA only)")
     sp.add_argument("--compile", action="store_true",
-                    help="fixed-shape decode step through torch.compile (each batch size compiles on first use)")
+                    help="fixed-shape decode step through torch.compile (every batch size compiled at start)")
     sp.add_argument("--media-dir", default=None, help="folder whose image files requests may name by path")
     sp.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set HERD_API_KEY)")
     sp.add_argument("--max-request-mb", type=int, default=64, help="larger request bodies get 413")

@@ -93,15 +93,26 @@ if torch.cuda.is_available():  # defined only where it can run: the CPU-only CI 
 
 def test_the_compiled_step_gives_the_same_tokens(tok):
     """torch.compile of the whole step (fullgraph: any graph break would raise), on CPU through inductor's C++
-    wrapper: two rows at different positions cross the 16-token chunks (ring wrap-arounds) in the graph for 2 rows;
-    when the second row ends, the first goes on alone in the graph for 1 row (where the eager CPU step would loop
-    over experts instead of the grouped operator)."""
+    wrapper, both graphs compiled by warmup(): two rows at different positions cross the 16-token chunks (ring
+    wrap-arounds) in the graph for 2 rows; when the second row ends, the first goes on alone in the graph for 1 row
+    (where the eager CPU step would loop over experts instead of the grouped operator)."""
+    from torch._dynamo.utils import counters
+
     model = herd.build_model(herd.preset("tiny"), seed=12)
     prompts = _prompts([9, 23], seed=12)
     expected = [r.output_ids for r in _run(Engine(model, tok), prompts, [40, 25])]
     engine = SlotEngine(model, tok, max_batch=2, capacity=64, compile=True)
+    sizes = []
+    engine.warmup(lambda i, n, b: sizes.append((i, n, b)))  # both graphs now, before any request
+    assert sizes == [(0, 2, 1), (1, 2, 2)]
+    graphs = counters["stats"]["unique_graphs"]
     assert [r.output_ids for r in _run(engine, prompts, [40, 25])] == expected
-    assert engine.slot_cache.capacity == 64  # no growth: two graphs, (2 rows, 64 positions) and (1 row, 64)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while serving
+    assert engine.slot_cache.capacity == 64 and engine.compiled  # no growth, no fallback
+    engine.submit(prompts[0], SamplingParams(max_new_tokens=5, **GREEDY))
+    engine.step()
+    with pytest.raises(RuntimeError, match="needs an idle engine"):
+        engine.warmup()
 
 
 def test_a_step_that_cannot_be_compiled_runs_eagerly_with_a_warning(tok):

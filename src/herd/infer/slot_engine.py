@@ -18,11 +18,12 @@ addresses, hence this engine:
   (one that reads a value back to the host, e.g. MoE experts on a GPU without a grouped matmul) falls back to the
   eager step with a warning. Without graphs the same step runs eagerly (CPU: tests and the benchmark's A/B);
 - with `compile` the step goes through torch.compile first (one graph per batch size and capacity, compiled on first
-  use: tens of seconds each on a small CPU). On the 2-core CPU it takes the benchmark model's batch-8 step from
-  9.3 to 6.1 ms; on a GPU it fuses the step's small kernels before the capture. A step it cannot take whole
-  (quantized experts loop over experts by their counts) runs eagerly, with a warning.
+  use or all at once by `warmup()`: tens of seconds each on a small CPU). On the 2-core CPU it takes the benchmark
+  model's batch-8 step from 9.3 to 6.1 ms; on a GPU it fuses the step's small kernels before the capture. A step it
+  cannot take whole (quantized experts loop over experts by their counts) runs eagerly, with a warning.
 
-Use: `SlotEngine(model, tokenizer, max_batch=32, compile=False)`, then as herd.infer.engine.Engine.
+Use: `SlotEngine(model, tokenizer, max_batch=32, compile=False)`, optionally `.warmup()` (compile every batch size
+before the first request), then as herd.infer.engine.Engine.
 Shapes: b rows in a step, V vocab, D hidden.
 """
 
@@ -78,6 +79,25 @@ class SlotEngine(Engine):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
         return torch.compile(self.forward, fullgraph=True, dynamic=False, options=options)
+
+    @torch.no_grad()
+    def warmup(self, progress=None) -> None:
+        """Compile (and capture) the step for every batch size now, at the current capacity, instead of at first use,
+        where it would stall every running request (15-20 s a size on a 2-core CPU). `progress(i, n, b)` is called
+        before each size. Only on an idle engine: the dummy steps write position 0 of the rows they run."""
+        if self.running:
+            raise RuntimeError("warmup() needs an idle engine: its steps would overwrite running rows")
+        if not (self.compiled or self.cuda_graphs):
+            return
+        for i, b in enumerate(self.sizes):
+            if progress is not None:
+                progress(i, len(self.sizes), b)
+            # two tensors, as a real step passes: one for both would compile a graph for aliased inputs
+            ids, pos = (torch.zeros(b, dtype=torch.long, device=self.device) for _ in range(2))
+            if self.cuda_graphs:
+                self._replay(ids, pos)
+            else:
+                self._call(ids, pos)
 
     def _capacity_for(self, positions: int) -> int:
         """The next power of two, but no more than the context (and never less than asked)."""

@@ -8,12 +8,13 @@ from pathlib import Path
 
 def build_service(model_dir: str, name: str | None = None, dtype=None, device: str = "cpu",
                   quantize: str | None = None, group_size: int | None = 128, max_batch: int = 32,
-                  cuda_graphs: bool = False, compile: bool = False,
+                  cuda_graphs: bool = False, compile: bool = False, warmup: bool = True,
                   media_dir: str | None = None, api_key: str | None = None, max_request_bytes: int = 64 * 2**20,
                   max_concurrent: int = 64, max_images: int = 8, max_image_bytes: int = 20 * 2**20):
     """Load a checkpoint with its tokenizer and generation defaults (on `device`, optionally quantized with a
     herd.infer.quant scheme), start the engine thread; returns a Service. `cuda_graphs` / `compile`: decode with
-    herd.infer.slot_engine.SlotEngine, its step captured as CUDA graphs (a CUDA device only) / torch.compiled."""
+    herd.infer.slot_engine.SlotEngine, its step captured as CUDA graphs (a CUDA device only) / torch.compiled, for
+    every batch size before this returns (`warmup`)."""
     from herd.checkpoint import from_pretrained
     from herd.infer.engine import Engine
     from herd.serve.service import Service
@@ -36,6 +37,8 @@ def build_service(model_dir: str, name: str | None = None, dtype=None, device: s
         from herd.infer.slot_engine import SlotEngine
 
         engine = SlotEngine(model, tok, max_batch=max_batch, cuda_graphs=cuda_graphs, compile=compile)
+        if warmup:  # before the server listens: a first request would otherwise wait for the compiler
+            engine.warmup(lambda i, n, b: print(f"preparing the decode step for {b} rows ({i + 1}/{n})", flush=True))
     else:
         engine = Engine(model, tok, max_batch=max_batch)
     worker = EngineWorker(engine)
