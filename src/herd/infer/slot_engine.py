@@ -40,6 +40,12 @@ from herd.model.cache import KVCache
 from herd.model.slot_cache import SlotCache
 
 
+def _no_cshim_notes(record: logging.LogRecord) -> bool:
+    """Inductor's C++ wrapper notes every view op it calls through its generic path (a few per layer, per compile):
+    noise in a server's log, so that one message is dropped."""
+    return "missing a c-shim implementation" not in record.getMessage()
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -71,10 +77,7 @@ class SlotEngine(Engine):
         (herd.model.moe); on CPU with inductor's C++ wrapper, whose per-call cost is far below the Python one's."""
         import torch._dynamo
 
-        # the C++ wrapper notes every view op it calls through its generic path (a few per layer, per compile): noise
-        # in a server's log, so that one message is dropped
-        logging.getLogger("torch._inductor.ir").addFilter(
-            lambda record: "missing a c-shim implementation" not in record.getMessage())
+        logging.getLogger("torch._inductor.ir").addFilter(_no_cshim_notes)  # once per logger: same object
         # one graph per capture size and capacity doubling: more than dynamo's default of 8 per function
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
