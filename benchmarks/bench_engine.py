@@ -183,18 +183,16 @@ def mixed_run(ours, theirs, tok, B: int, g: torch.Generator, repeats: int, slot=
     lens = torch.randint(16, 129, (n,), generator=g).tolist()
     outs = torch.randint(8, 65, (n,), generator=g).tolist()
     prompts = [torch.randint(3, 900, (m,), generator=g).tolist() for m in lens]
-    herd_s = theirs_s = slot_s = float("inf")
+    makers = {"herd": lambda: Engine(ours, tok, max_batch=B)} | ({"slot": lambda: slot(B)} if slot else {})
+    seconds, tokens, theirs_s = dict.fromkeys(makers, float("inf")), {}, float("inf")
     for _ in range(repeats):
-        for cls in (Engine, SlotEngine) if slot else (Engine,):
+        for side, make in makers.items():
             t0 = time.perf_counter()
-            engine = Engine(ours, tok, max_batch=B) if cls is Engine else slot(B)
+            engine = make()
             reqs = [engine.submit(p, SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=k))
                     for p, k in zip(prompts, outs, strict=True)]
             engine.run()
-            if cls is Engine:
-                herd_s, herd_tokens = min(herd_s, time.perf_counter() - t0), [r.output_ids for r in reqs]
-            else:
-                slot_s, slot_tokens = min(slot_s, time.perf_counter() - t0), [r.output_ids for r in reqs]
+            seconds[side], tokens[side] = min(seconds[side], time.perf_counter() - t0), [r.output_ids for r in reqs]
         theirs_tokens, t0 = [], time.perf_counter()
         for i in range(0, n, B):
             group, k = prompts[i:i + B], max(outs[i:i + B])
@@ -206,10 +204,10 @@ def mixed_run(ours, theirs, tok, B: int, g: torch.Generator, repeats: int, slot=
             theirs_tokens += [row[width:width + m] for row, m in zip(out.tolist(), outs[i:i + B], strict=True)]
         theirs_s = min(theirs_s, time.perf_counter() - t0)
     useful = sum(outs)
-    out = {"requests": n, "useful_tokens": useful, "herd_tok_s": useful / herd_s, "transformers_tok_s":
-           useful / theirs_s, "same": herd_tokens == theirs_tokens}
-    if slot:
-        out |= {"slot_tok_s": useful / slot_s, "slot_same": slot_tokens == theirs_tokens}
+    out = {"requests": n, "useful_tokens": useful, "transformers_tok_s": useful / theirs_s}
+    for side in makers:
+        out |= {f"{side}_tok_s": useful / seconds[side],
+                "same" if side == "herd" else f"{side}_same": tokens[side] == theirs_tokens}
     return out
 
 

@@ -64,8 +64,7 @@ class SlotEngine(Engine):
             raise ValueError(f"cuda_graphs needs a model on a CUDA device, not {self.device}")
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
-        self.compiled = compile
-        self._step = self._compile() if compile else self.forward
+        self._compiled = self._compile() if compile else None  # the compiled step, or None: eager
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self._in_ids = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # the graphs' input buffers
@@ -82,6 +81,10 @@ class SlotEngine(Engine):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
         return torch.compile(self.forward, fullgraph=True, dynamic=False, options=options)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
 
     @torch.no_grad()
     def warmup(self, progress=None) -> None:
@@ -169,14 +172,14 @@ class SlotEngine(Engine):
     def _call(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The step, compiled if asked; a step torch.compile cannot take whole (e.g. quantized experts, which loop
         over experts by their counts) runs eagerly from then on, with a warning, rather than failing requests."""
-        if not self.compiled:
+        if self._compiled is None:
             return self.forward(ids, pos)
         try:
-            return self._step(ids, pos)
+            return self._compiled(ids, pos)
         except Exception as e:  # dynamo's and symbolic shapes' errors share no base; a real error recurs eagerly
             warnings.warn(f"the decode step could not be compiled ({str(e).splitlines()[0]}); running it eagerly",
                           stacklevel=2)
-            self._step, self.compiled = self.forward, False
+            self._compiled = None
             return self.forward(ids, pos)
 
     def _replay(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -207,6 +210,6 @@ class SlotEngine(Engine):
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._step(ids, pos)
+            out = (self._compiled or self.forward)(ids, pos)
         self._pool = graph.pool()
         return graph, out
