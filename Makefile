@@ -28,7 +28,7 @@ $(BROWSER): | $(BIN)/python
 		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 	touch $(BROWSER)
 
-# torch.compile on CPU (herd.infer.slot_engine's compiled step) builds C++ with g++ against Python's headers
+# torch.compile on CPU (herd.infer.slot_batch's compiled step) builds C++ with g++ against Python's headers
 $(COMPILER): | $(BIN)/python
 	command -v g++ >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q g++; }
 	$(BIN)/python -c "import os, sysconfig; assert os.path.isfile(sysconfig.get_paths()['include'] + '/Python.h')" \

@@ -33,9 +33,9 @@ On a GPU (`--device cuda --dtype bfloat16`) the same tables are measured there; 
 profiler's CPU self time says nothing of kernels), and greedy tokens may differ in bfloat16 (different kernels round
 differently; a near-tie flips).
 
-`--slot` adds herd.infer.slot_engine.SlotEngine (fixed-shape decode step; CUDA graphs on a GPU) to both tables,
-`--compile` its step compiled with torch.compile (one engine per batch size, warmed up - every graph compiled - and
-reused across runs, as a server would).
+`--slot` adds the engine on the fixed-shape batch layout (herd.infer.slot_batch.SlotBatch: CUDA graphs on a GPU) to
+both tables, `--compile` its step compiled with torch.compile (one engine per batch size, warmed up - every graph
+compiled - and reused across runs, as a server would).
 
 Run:  .venv/bin/python benchmarks/bench_engine.py            (a few minutes on 2 cores)
       .venv/bin/python benchmarks/bench_engine.py --compile  (plus compiling: a few more minutes)
@@ -59,7 +59,7 @@ import torch
 import herd
 from herd.infer.engine import Engine
 from herd.infer.sampling import SamplingParams
-from herd.infer.slot_engine import SlotEngine
+from herd.infer.slot_batch import SlotBatch
 from herd.tokenizer import tiny_tokenizer
 
 
@@ -68,15 +68,15 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-_SLOT_ENGINES: dict[tuple[int, bool], SlotEngine] = {}
+_SLOT_ENGINES: dict[tuple[int, bool], Engine] = {}
 
 
-def slot_engine(model, tok, B: int, compile: bool) -> SlotEngine:
-    """One SlotEngine per batch size, reused from run to run as a server reuses its engine (a compiled one keeps its
-    graphs; a new engine would compile its step again)."""
+def slot_engine(model, tok, B: int, compile: bool) -> Engine:
+    """One engine on a SlotBatch per batch size, reused from run to run as a server reuses its engine (a compiled
+    one keeps its graphs; a new engine would compile its step again)."""
     key = (B, compile)
     if key not in _SLOT_ENGINES:
-        _SLOT_ENGINES[key] = SlotEngine(model, tok, max_batch=B, compile=compile)
+        _SLOT_ENGINES[key] = Engine(model, tok, layout=SlotBatch(model, B, compile=compile))
         _SLOT_ENGINES[key].warmup()  # compiles (or captures) every batch size up front, as herd serve does
     return _SLOT_ENGINES[key]
 
@@ -223,8 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,
                    help="also the mixed-length workload (default on)")
     p.add_argument("--slot", action=argparse.BooleanOptionalAction, default=None,
-                   help="also herd.infer.slot_engine.SlotEngine (CUDA graphs on a GPU); default on for cuda only")
-    p.add_argument("--compile", action="store_true", help="the slot engine's step through torch.compile (implies "
+                   help="also the SlotBatch layout (CUDA graphs on a GPU); default on for cuda only")
+    p.add_argument("--compile", action="store_true", help="the slot layout's step through torch.compile (implies "
                    "--slot; every batch size is compiled before the runs, as herd serve does)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results/bench_engine.json")
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
-        herd.build_model(cfg, seed=0).save_pretrained(tmp)
+        herd.save_pretrained(herd.build_model(cfg, seed=0), tmp)
         dtype = getattr(torch, a.dtype)
         ours = herd.from_pretrained(tmp, dtype=dtype, device=a.device).eval()
         theirs = Llama4ForCausalLM.from_pretrained(tmp, dtype=dtype).to(a.device).eval()

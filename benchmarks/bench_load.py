@@ -66,7 +66,7 @@ def main() -> None:
         print(f"[bench_load] writing a {herd.sizes.human(herd.count_params(cfg).total)}-parameter float32 "
               f"checkpoint (sharded at 256 MiB) ...", flush=True)
         model = herd.build_model(cfg, seed=0)
-        model.save_pretrained(tmp, max_shard_bytes=256 * 2**20)
+        herd.save_pretrained(model, tmp, max_shard_bytes=256 * 2**20)
         del model
         size = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
         for which in ("herd", "transformers"):

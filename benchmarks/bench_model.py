@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     for r in res.values():
         r.pop("tokens")
     a.out.write_text(json.dumps({"machine": info, "settings": settings, "params": n_params, "same_tokens": same,
-                                 "config": herd.checkpoint.config_to_hf(cfg), "results": res, "table": md}, indent=2))
+                                 "config": herd.formats.hf.config_to_hf(cfg), "results": res, "table": md}, indent=2))
     log(f"wrote {a.out}")
     return 0
 

@@ -45,9 +45,8 @@ import herd
 from herd.data.packing import IGNORE, Packer
 from herd.infer.quant import QuantLinear, model_bytes, quantize
 from herd.tokenizer import Tokenizer, tiny_tokenizer
-from herd.train.checkpoint import BIAS_FILE, set_expert_biases
-from herd.train.config import TrainConfig
 from herd.train.inputs import documents, token_bytes_table
+from herd.train.train_config import TrainConfig
 
 DEFAULT_MODEL = Path("runs/tiny-10min/hf")
 
@@ -76,15 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load(path: Path | None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """The float model; a training run's export also gets its routers' selection biases back from the sidecar
-    (not part of the Hugging Face format), without which it would route differently from the model it evaluated."""
+    """The float model (a training run's export loads with whatever router biases it carries, as herd serves it)."""
     if path is None:
         return herd.build_model(herd.preset("tiny"), seed=0, dtype=dtype, device=device).eval()
-    model = herd.from_pretrained(path, dtype=dtype, device=device)
-    if (path / BIAS_FILE).is_file():
-        biases = json.loads((path / BIAS_FILE).read_text())
-        set_expert_biases(model, {k: torch.tensor(v, device=device) for k, v in biases.items()})
-    return model
+    return herd.from_pretrained(path, dtype=dtype, device=device)
 
 
 def sync(device) -> None:
@@ -93,7 +87,7 @@ def sync(device) -> None:
 
 
 def text_part(model):
-    return getattr(model, "language_model", model)
+    return model.decoder
 
 
 def input_widths(model) -> set[int]:

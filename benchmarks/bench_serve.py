@@ -98,7 +98,7 @@ def write_checkpoint(out: Path, size: dict) -> None:
     tok, model = tiny_tokenizer(), herd.build_model(herd.preset("tiny", **size), seed=0)
     with torch.no_grad():
         model.lm_head.weight[tok.n_ranks:] = 0  # special ids get logit 0, below the best text logit: never chosen
-    model.save_pretrained(out)
+    herd.save_pretrained(model, out)
     tok.save(out)
     cfg_path = out / "tokenizer_config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "chat_template": chat_template}, indent=1))

@@ -114,7 +114,7 @@ def sync(device: torch.device) -> None:
 
 def load(side: str, ckpt: str, device: torch.device):
     if side == "herd":
-        from herd.checkpoint import from_pretrained
+        from herd.formats.hf import from_pretrained
 
         return from_pretrained(ckpt, dtype=torch.float32).to(device)
     import transformers
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
-        herd.build_model(mcfg, seed=0).save_pretrained(tmp)
+        herd.save_pretrained(herd.build_model(mcfg, seed=0), tmp)
         results = []
         for mode in a.modes.split(","):
             dtype = mode.split(":")[1]

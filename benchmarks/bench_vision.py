@@ -159,7 +159,7 @@ def bench_config(a, name: str, cfg, paths: list[str]) -> dict:
             msg += f", transformers {n_img / t['ref']:8.1f} ({t['ref']:.3f} s), pixels identical: {same}"
         log(msg)
         model = herd.build_model(cfg, seed=0).eval()
-        model.save_pretrained(tmp)
+        herd.save_pretrained(model, tmp)
         hf = Llama4ForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
     hf.eval()
     pixels = batch.pixel_values.float()  # (N, 3, S, S)

@@ -46,8 +46,8 @@ import torch
 
 import herd
 from herd.sizes import count_params
-from herd.train.config import train_preset
 from herd.train.plots import read_metrics
+from herd.train.train_config import train_preset
 from herd.train.trainer import flops_per_token, train
 
 ROOT = Path(__file__).resolve().parents[1]

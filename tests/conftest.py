@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import herd
-from herd.checkpoint import config_to_hf
+from herd.formats.hf import config_to_hf
 
 torch.set_num_threads(2)
 

@@ -1,5 +1,5 @@
-"""Chat format: golden layouts from spec 3.6 / 4.2, injection safety, and token-for-token agreement with
-transformers' Llama 4 chat template + processor.
+"""Chat format: golden layouts (Meta's models/llama4/prompt_format.md, transformers' processing_llama4.py),
+injection safety, and token-for-token agreement with transformers' Llama 4 chat template + processor.
 
     .venv/bin/python -m pytest tests/test_chat.py -v
 """
@@ -28,7 +28,7 @@ def tok():
 
 
 def rendered(tok, text: str) -> list[int]:
-    """Ids of a spec-style string whose `<|...|>` markers are control tokens (the text between them is BPE)."""
+    """Ids of a template-style string whose `<|...|>` markers are control tokens (the text between them is BPE)."""
     return tok.encode(text, allow_special=True)
 
 

@@ -59,6 +59,7 @@ def test_generate_and_serve_quantized(ckpt):
     from herd.infer.quant import QuantExperts, QuantLinear, quantize_scheme
     from herd.infer.sampling import SamplingParams
     from herd.serve import build_service
+    from herd.serve.serve_config import ServeConfig
 
     model = lib.from_pretrained(ckpt).eval()
     quantize_scheme(model, "fp8-dynamic")
@@ -71,7 +72,7 @@ def test_generate_and_serve_quantized(ckpt):
                "--quantize", "int4", "--group-size", "32")
     assert "to int4 (groups of 32): converted weights 6.40x smaller" in out.stderr
 
-    service = build_service(str(ckpt), quantize="int8")
+    service = build_service(ServeConfig(model=str(ckpt), device="cpu", quantize="int8"))
     try:
         decoder = service.worker.engine.model.language_model.model.layers
         assert isinstance(decoder[0].self_attn.q_proj, QuantLinear)
@@ -103,8 +104,8 @@ def test_bad_runtime_options_fail_cleanly(ckpt):
     assert bad.returncode == 2 and "cuda_graphs needs a model on a CUDA device" in bad.stderr
 
 
-def test_serve_compile_runs_the_slot_engine(ckpt, capsys):
-    """`herd serve --compile`: the service decodes with a compiled SlotEngine whose step was compiled before the
+def test_serve_compile_runs_the_slot_layout(ckpt, capsys):
+    """`herd serve --compile`: the service decodes on a compiled SlotBatch layout whose step was compiled before the
     server would listen; a request then gets the plain engine's tokens and compiles nothing."""
     import asyncio
 
@@ -112,13 +113,14 @@ def test_serve_compile_runs_the_slot_engine(ckpt, capsys):
 
     from herd.infer.engine import Engine
     from herd.infer.sampling import SamplingParams
-    from herd.infer.slot_engine import SlotEngine
+    from herd.infer.slot_batch import SlotBatch
     from herd.serve import build_service
+    from herd.serve.serve_config import ServeConfig
 
-    service = build_service(str(ckpt), compile=True, max_batch=1)
+    service = build_service(ServeConfig(model=str(ckpt), device="cpu", compile=True, max_batch=1))
     try:
         engine = service.worker.engine
-        assert isinstance(engine, SlotEngine) and engine.compiled and not engine.cuda_graphs
+        assert isinstance(engine.layout, SlotBatch) and engine.layout.compiled and not engine.layout.cuda_graphs
         assert "preparing the decode step for 1 rows (1/1)" in capsys.readouterr().out
         graphs = counters["stats"]["unique_graphs"]
         params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
@@ -130,7 +132,7 @@ def test_serve_compile_runs_the_slot_engine(ckpt, capsys):
             return req
         req = asyncio.run(ask())
         assert req.output_ids == Engine(engine.model, engine.tok).generate([[1, 2, 3]], params)[0].output_ids
-        assert counters["stats"]["unique_graphs"] == graphs and engine.compiled
+        assert counters["stats"]["unique_graphs"] == graphs and engine.layout.compiled
     finally:
         service.worker.stop(0)
 
@@ -170,7 +172,7 @@ def test_chat_in_the_terminal(ckpt):
 
 
 def test_chat_refuses_a_conversation_longer_than_the_context(ckpt):
-    from herd.checkpoint import from_pretrained
+    from herd.formats.hf import from_pretrained
     from herd.terminal_chat import Session, reply
     from herd.tokenizer import Tokenizer
 
@@ -187,7 +189,7 @@ def test_chat_answers_come_from_the_engine(ckpt):
     import io
 
     from herd.chat import prepare_chat
-    from herd.checkpoint import from_pretrained
+    from herd.formats.hf import from_pretrained
     from herd.infer.engine import Engine
     from herd.terminal_chat import Session, _params, reply
     from herd.tokenizer import Tokenizer
@@ -206,7 +208,7 @@ def test_ctrl_c_stops_a_chat_answer_and_keeps_what_came(ckpt):
     """Ctrl-C while an answer streams: the request is cancelled, the partial answer stays in the conversation."""
     import io
 
-    from herd.checkpoint import from_pretrained
+    from herd.formats.hf import from_pretrained
     from herd.terminal_chat import Session, reply
     from herd.tokenizer import Tokenizer
 

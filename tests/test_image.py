@@ -1,5 +1,5 @@
 """herd.image against transformers' Llama 4 image processor (golden fixtures written by
-scripts/make_image_fixtures.py in a separate reference environment), the spec 3.1 examples, and bad input.
+scripts/make_image_fixtures.py in a separate reference environment), worked size examples, and bad input.
 
     .venv/bin/python -m pytest tests/test_image.py -q
 """
@@ -111,7 +111,7 @@ def test_resize_uses_float32_like_the_reference(h: int, w: int, tile: int, max_t
     assert resized_size(h, w, best_canvas(h, w, tile, max_tiles), tile) == resized
 
 
-# ---------------------------------------------------------------------------------------------- spec 3.1 examples
+# ------------------------------------------------------------------------------------------------ worked examples
 @pytest.mark.parametrize(
     "h,w,grid,tiles,tokens,resized",
     [
@@ -122,7 +122,7 @@ def test_resize_uses_float32_like_the_reference(h: int, w: int, tile: int, max_t
         (100, 2000, (1, 6), 7, 1017, (100, 2000)),
     ],
 )
-def test_spec_examples(h: int, w: int, grid: tuple, tiles: int, tokens: int, resized: tuple) -> None:
+def test_worked_examples(h: int, w: int, grid: tuple, tiles: int, tokens: int, resized: tuple) -> None:
     canvas = best_canvas(h, w)
     assert canvas == (grid[0] * 336, grid[1] * 336)
     assert resized_size(h, w, canvas) == resized

@@ -1,4 +1,5 @@
-"""Tokenizer: the special-token table against spec 4.1, round trips, transformers compatibility, streaming decode.
+"""Tokenizer: the special-token table against Meta's (llama-models models/llama4/tokenizer.py), round trips,
+transformers compatibility, streaming decode.
 
     .venv/bin/python -m pytest tests/test_tokenizer.py -v
 """
@@ -27,10 +28,10 @@ from herd.tokenizer import (
     train_bpe,
 )
 
-# Spec 4.1, character for character (a Python raw string of the quoted pattern).
-SPEC_PATTERN = r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
+# O200K_PATTERN of Meta's models/llama4/tokenizer.py, character for character (a Python raw string).
+META_PATTERN = r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
-# Spec 4.1 "important ids" plus the edges of every reserved range.
+# The ids Meta's tokenizer gives the named special tokens, plus the edges of every reserved range.
 REAL_IDS = {
     "<|begin_of_text|>": 200000, "<|end_of_text|>": 200001, "<|fim_prefix|>": 200002, "<|fim_middle|>": 200003,
     "<|fim_suffix|>": 200004, "<|header_start|>": 200005, "<|header_end|>": 200006, "<|eom|>": 200007,
@@ -100,11 +101,11 @@ def test_tiny_tokenizer_layout(tok):
 
 
 def test_pre_tokenizer_regex_is_the_spec_string(tok, tmp_path):
-    assert O200K_PATTERN == SPEC_PATTERN
+    assert O200K_PATTERN == META_PATTERN
     tok.save(tmp_path)
     pre = json.loads((tmp_path / "tokenizer.json").read_text())["pre_tokenizer"]
     split, byte_level = pre["pretokenizers"]
-    assert split["type"] == "Split" and split["pattern"]["Regex"] == SPEC_PATTERN and split["behavior"] == "Isolated"
+    assert split["type"] == "Split" and split["pattern"]["Regex"] == META_PATTERN and split["behavior"] == "Isolated"
     assert byte_level["type"] == "ByteLevel" and byte_level["use_regex"] is False
 
 

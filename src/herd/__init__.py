@@ -1,6 +1,5 @@
 """herd: the Llama 4 system in PyTorch - model, checkpoints, training, inference and serving."""
 
-from herd.checkpoint import CheckpointError, from_pretrained, load_config, save_pretrained
 from herd.config import (
     PRESETS,
     ConfigError,
@@ -10,7 +9,9 @@ from herd.config import (
     multimodal_preset,
     preset,
 )
+from herd.formats.hf import CheckpointError, from_pretrained, load_config, save_pretrained
 from herd.infer.generate import generate
+from herd.infer.sampling import SamplingParams
 from herd.model.build import build_model, materialize
 from herd.model.cache import KVCache
 from herd.model.multimodal import Llama4ForConditionalGeneration
@@ -21,4 +22,4 @@ __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ConfigError", "KVCache", "Llama4Config", "Llama4ForCausalLM",
            "Llama4ForConditionalGeneration", "PRESETS", "TextConfig", "VisionConfig", "build_model", "count_params",
            "from_pretrained", "generate", "load_config", "materialize", "multimodal_preset", "preset",
-           "save_pretrained"]
+           "SamplingParams", "save_pretrained"]

@@ -1,6 +1,7 @@
 """Llama 4 chat format: OpenAI-style messages in, token ids out (text, tool calls, tool results and images).
 
-Layout (spec 4.2): `<|begin_of_text|>`, then per turn `<|header_start|>{role}<|header_end|>\n\n{content}<|eot|>`,
+Layout (meta-llama/llama-models models/llama4/prompt_format.md): `<|begin_of_text|>`, then per turn
+`<|header_start|>{role}<|header_end|>\n\n{content}<|eot|>`,
 roles system / user / assistant / ipython (OpenAI's "tool"; OpenAI's newer "developer" is the system role), and with
 add_generation_prompt the open assistant header.
 
@@ -20,7 +21,8 @@ Design
 - Deliberate differences from the template, all in inputs it mishandles: OpenAI's JSON-string `arguments` are parsed
   (the template would double-encode them), and an empty or null `tool_calls` is an ordinary message (the template
   drops it or fails).
-- Images (spec 3.6): every image part becomes `<|image_start|>`, its tiles' `<|patch|>` runs row by row with
+- Images (as transformers' `Llama4Processor` expands them): every image part becomes `<|image_start|>`, its tiles'
+  `<|patch|>` runs row by row with
   `<|tile_x_separator|>` between columns and `<|tile_y_separator|>` after each row, then `<|image|>` + the thumbnail's
   patches + `<|image_end|>`; a 1x1 image has no tiles part. The grid of each image comes from image preprocessing
   (`herd.image`), passed in as `image_grids`; `prepare_chat` runs the preprocessing too.

@@ -11,7 +11,7 @@
   herd chat --model DIR                               terminal chat: streaming, /image PATH, /system, /set, /reset
   herd train --preset tiny --out runs/x [--max-steps N] [--config FILE] [--key=value ...]
   herd train --resume runs/x [--max-steps N]          continue a run exactly from its newest checkpoint
-  herd midtrain --init runs/x --out runs/x-long       continue at a longer context (see herd.train.cli)
+  herd midtrain --init runs/x --out runs/x-long       continue at a longer context (see herd.train.train_cli)
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class UsageError(Exception):
 
 
 def _config(args):
-    from herd.checkpoint import load_config
     from herd.config import multimodal_preset
+    from herd.formats.hf import load_config
 
     return load_config(args.model) if args.model else multimodal_preset(args.preset)
 
@@ -49,11 +49,12 @@ def cmd_init(args) -> int:
     import torch
 
     from herd.config import multimodal_preset, preset
+    from herd.formats.hf import save_pretrained
     from herd.model.build import build_model
 
     cfg = multimodal_preset(args.preset) if args.multimodal else preset(args.preset)
     model = build_model(cfg, dtype=getattr(torch, args.dtype), seed=args.seed)
-    model.save_pretrained(args.out)
+    save_pretrained(model, args.out)
     if args.preset.startswith("tiny"):  # tiny presets come with the shipped tiny tokenizer
         from herd.tokenizer import tiny_tokenizer
 
@@ -66,8 +67,8 @@ def _load(args):
     """(model, tokenizer or None) from --model DIR, or a random preset model with the tiny tokenizer."""
     import torch
 
-    from herd.checkpoint import from_pretrained
     from herd.config import multimodal_preset
+    from herd.formats.hf import from_pretrained
     from herd.model.build import build_model
     from herd.tokenizer import Tokenizer, tiny_tokenizer
 
@@ -130,7 +131,7 @@ def _prompt(args, model, tok):
 
     content = [{"type": "text", "text": args.prompt}] + [{"type": "image_url", "image_url": {"url": p}}
                                                           for p in args.image]
-    v = getattr(model.config, "vision_config", None)
+    v = model.vision_config
     if args.image and v is None:
         raise ValueError("this is a text-only model: it cannot take --image")
     kw = tiling(v)
@@ -140,12 +141,25 @@ def _prompt(args, model, tok):
     return torch.tensor([ids]), batch.pixel_values if batch is not None else None
 
 
-def cmd_generate(args) -> int:
-    import torch
+def _sampling(args):
+    """The SamplingParams of `herd generate` (the server's sampler and seed rule: the same tokens for the same seed)."""
+    from herd.infer.sampling import SamplingParams
 
+    return SamplingParams(temperature=args.temperature, top_p=1.0 if args.top_p is None else args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          seed=args.seed, max_new_tokens=max(1, args.max_new_tokens))
+
+
+def cmd_generate(args) -> int:
     from herd.image import ImageError
     from herd.infer.generate import generate
 
+    try:
+        params = _sampling(args)  # a bad value fails before the model loads
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model, tok = _load(args)
     try:
         ids, pixels = _prompt(args, model, tok)
@@ -155,7 +169,7 @@ def cmd_generate(args) -> int:
     stream = tok.stream(skip_special=True) if tok is not None and not args.prompt_ids else None
     if stream is not None and args.raw:
         print(args.prompt, end="")
-    text_cfg = getattr(model.config, "text_config", model.config)
+    text_cfg = model.text_config
     eos = tok.stop_ids if tok is not None else text_cfg.eos_token_id
 
     def show(step):  # print text as it is produced, never splitting a UTF-8 character
@@ -163,10 +177,8 @@ def cmd_generate(args) -> int:
             print(stream.put(int(step[0])), end="", flush=True)
 
     t0 = time.perf_counter()
-    gen = torch.Generator(device=model.device).manual_seed(args.seed)
-    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   eos_token_id=eos, generator=gen, pixel_values=pixels,
-                   on_token=show, vocab_limit=tok.vocab_size if tok is not None else None)
+    out = generate(model, ids, args.max_new_tokens, eos_token_id=eos, pixel_values=pixels, on_token=show,
+                   vocab_limit=tok.vocab_size if tok is not None else None, params=params)
     dt = time.perf_counter() - t0
     new = out[0, ids.shape[1]:].tolist()
     if stream is not None:
@@ -195,25 +207,25 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     import os
 
-    import torch
-
     from herd.serve import build_service
     from herd.serve.app import create_app
+    from herd.serve.serve_config import ServeConfig
     from herd.serve.server import serve
 
-    device = _device(args.device)
+    cfg = ServeConfig(  # a ConfigError (a bad value, named) ends here, before any weights load
+        model=args.model, name=args.name, host=args.host, port=args.port, device=_device(args.device),
+        dtype=args.dtype, quantize=args.quantize, group_size=args.group_size, max_batch=args.max_batch,
+        compile=args.compile, cuda_graphs=args.cuda_graphs, media_dir=args.media_dir,
+        api_key=args.api_key or os.environ.get("HERD_API_KEY"), max_request_bytes=args.max_request_mb * 2**20,
+        max_concurrent=args.max_concurrent, max_images=args.max_images,
+        max_image_bytes=int(args.max_image_mb * 2**20), shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level)
     try:
-        service = build_service(args.model, args.name, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                                device=device, quantize=args.quantize, group_size=args.group_size,
-                                max_batch=args.max_batch, cuda_graphs=args.cuda_graphs, compile=args.compile,
-                                media_dir=args.media_dir,
-                                api_key=args.api_key or os.environ.get("HERD_API_KEY"),
-                                max_request_bytes=args.max_request_mb * 2**20, max_concurrent=args.max_concurrent,
-                                max_images=args.max_images, max_image_bytes=int(args.max_image_mb * 2**20))
+        service = build_service(cfg)
     except ValueError as e:  # e.g. a quantization the model's shapes refuse (the message names the layers)
         raise UsageError(str(e)) from None
-    print(f"serving {service.name!r} on http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
-    serve(create_app(service), service.worker, args.host, args.port, args.log_level, args.shutdown_timeout)
+    print(f"serving {service.name!r} on http://{cfg.host}:{cfg.port}/v1 (OpenAI API)", flush=True)
+    serve(create_app(service), service.worker, cfg.host, cfg.port, cfg.log_level, cfg.shutdown_timeout)
     return 0
 
 
@@ -245,9 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--prompt-ids", default="", help="comma-separated token ids instead of --prompt")
     sp.add_argument("--raw", action="store_true", help="continue --prompt as plain text (no chat format)")
     sp.add_argument("--max-new-tokens", type=int, default=32)
-    sp.add_argument("--temperature", type=float, default=0.0)
+    sp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     sp.add_argument("--top-p", type=float, default=None)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--top-k", type=int, default=None)
+    sp.add_argument("--min-p", type=float, default=0.0)
+    sp.add_argument("--repetition-penalty", type=float, default=1.0)
+    sp.add_argument("--presence-penalty", type=float, default=0.0)
+    sp.add_argument("--frequency-penalty", type=float, default=0.0)
+    sp.add_argument("--seed", type=int, default=0, help="the random stream, as a request's `seed` to herd serve")
     _runtime_options(sp)
     sp.set_defaults(fn=cmd_generate)
     sp = sub.add_parser("chat", help="chat in the terminal: streamed answers, /image PATH, /system, /set, /reset")
@@ -267,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--name", default=None, help="model id in the API (default: the directory name)")
     sp.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     sp.add_argument("--cuda-graphs", action="store_true",
-                    help="fixed-shape decode step replayed as CUDA graphs (herd.infer.slot_engine; CUDA only)")
+                    help="fixed-shape decode step replayed as CUDA graphs (herd.infer.slot_batch; CUDA only)")
     sp.add_argument("--compile", action="store_true",
                     help="fixed-shape decode step through torch.compile (every batch size compiled at start)")
     sp.add_argument("--media-dir", default=None, help="folder whose image files requests may name by path")
@@ -281,12 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--log-level", default="warning")
     _runtime_options(sp)
     sp.set_defaults(fn=cmd_serve)
-    from herd.train.cli import add_train_parser
+    from herd.train.train_cli import add_train_parser
 
     add_train_parser(sub)
     args = p.parse_args(argv)
-    from herd.checkpoint import CheckpointError
     from herd.config import ConfigError
+    from herd.formats.hf import CheckpointError
 
     try:
         return args.fn(args)

@@ -13,7 +13,8 @@ Presets:
   all layers MoE, 202048 vocab): hidden 16384 (128 heads), 96 layers (a multiple of the iRoPE period 4), expert
   width 24576 (1.5 x hidden) gives 293B active / 2.03T total. Treat it as plausible, not official.
 - `tiny`, `tiny-maverick` run in seconds on a laptop CPU and keep every structural feature.
-Values for Scout/Maverick: shared/spec/llama4-architecture.md section 1.1 (from the released config.json files).
+Values for Scout/Maverick: the released config.json files of meta-llama/Llama-4-Scout-17B-16E(-Instruct) and
+Llama-4-Maverick-17B-128E(-Instruct) on the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -132,6 +133,15 @@ class TextConfig:
 
     def uses_rope(self, i: int) -> bool:
         return bool(self.no_rope_layers[i])
+
+    # --- what a config is: a text config is its own text part and has no vision part (as Llama4Config's fields) -----
+    @property
+    def text_config(self) -> TextConfig:
+        return self
+
+    @property
+    def vision_config(self) -> None:
+        return None
 
     @property
     def layer_types(self) -> list[str]:
@@ -268,7 +278,8 @@ class Llama4Config:
                               f"({self.text_config.vocab_size})")
 
 
-# The released Scout and Maverick share one vision tower (spec section 1.2; transformers' defaults are NOT these).
+# The released Scout and Maverick share one vision tower (their config.json files; transformers' defaults are NOT
+# these).
 _VISION_LLAMA4 = dict(hidden_size=1408, num_hidden_layers=34, num_attention_heads=16, intermediate_size=5632,
                       image_size=336, patch_size=14, projector_input_dim=4096, projector_output_dim=4096,
                       vision_output_dim=4096, max_tiles=16)
@@ -285,9 +296,3 @@ def multimodal_preset(name: str, **text_overrides) -> Llama4Config:
     text = preset(name, **text_overrides)
     ids = TINY_IMAGE_TOKENS if name.startswith("tiny") else {}
     return Llama4Config(text_config=text, vision_config=VisionConfig(**VISION_PRESETS[name]), **ids)
-
-
-def rope_is_scaled(cfg: TextConfig) -> bool:
-    rs = cfg.rope_scaling
-    return rs is not None and rs.get("rope_type", rs.get("type")) == "llama3"
-

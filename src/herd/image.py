@@ -1,7 +1,8 @@
 """Llama 4 image preprocessing: an image source in, normalised tiles out, exactly as transformers 5.23 does it.
 
 The reference is `transformers.models.llama4.image_processing_llama4.Llama4ImageProcessor` (in 5.23 the torchvision
-backend is its only implementation; `Llama4ImageProcessorFast` is a deprecated alias of it), spec section 3.1.
+backend is its only implementation; `Llama4ImageProcessorFast` is a deprecated alias of it), in huggingface/
+transformers src/transformers/models/llama4/image_processing_llama4.py.
 
 Steps, for an image of H x W pixels and square tiles of `tile_size` (336 for Scout/Maverick, smaller in tiny presets):
 1. Decode with Pillow (PNG, JPEG, WebP, GIF first frame, ...), apply the EXIF orientation, convert to RGB. Images with
@@ -209,8 +210,9 @@ def tile_tokens(tile_size: int = TILE_SIZE, patch_size: int = 14, pixel_shuffle_
 
 
 def image_token_count(grid: tuple[int, int], tokens_per_tile: int = TOKENS_PER_TILE) -> int:
-    """Prompt tokens an image expands to (spec 3.6): 1x1 is <|image_start|> <|image|> patches <|image_end|>; larger
-    grids add a separator per tile (x within a row, y after each row) and the thumbnail's patches."""
+    """Prompt tokens an image expands to (transformers' `Llama4Processor._prompt_split_image`): 1x1 is
+    <|image_start|> <|image|> patches <|image_end|>; larger grids add a separator per tile (x within a row, y after
+    each row) and the thumbnail's patches."""
     rows, cols = grid
     if rows * cols == 1:
         return tokens_per_tile + 3

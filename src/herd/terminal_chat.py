@@ -108,12 +108,12 @@ def reply(model, tok, session: Session, text: str, out=sys.stdout) -> str:
 
     content = [{"type": "image_url", "image_url": {"url": p}} for p in session.pending_images]
     user = {"role": "user", "content": content + [{"type": "text", "text": text}] if content else text}
-    v = getattr(model.config, "vision_config", None)
+    v = model.vision_config
     if content and v is None:
         raise ValueError("this is a text-only model: it cannot take images (/reset to drop them)")
     ids, batch = prepare_chat(session.conversation() + [user], tok, **tiling(v))  # a bad image raises: nothing kept
     params = _params(session.settings)
-    limit = getattr(model.config, "text_config", model.config).max_position_embeddings
+    limit = model.text_config.max_position_embeddings
     if len(ids) + params.max_new_tokens > limit:
         raise ValueError(f"the conversation is {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} it "
                          f"exceeds the model's {limit}: /reset, or /set max_new_tokens=...")

@@ -15,7 +15,7 @@ Design
   Split(o200k regex, isolated) + ByteLevel(use_regex=False) pre-tokenizer, BPE with ignore_merges, ByteLevel decoder,
   and the `<|begin_of_text|> $A` template post-processor of transformers' Llama 4 converter.
 
-Sources: shared spec section 4.1; meta-llama/llama-models models/llama4/tokenizer.py (token lists, O200K pattern,
+Sources: meta-llama/llama-models models/llama4/tokenizer.py (token lists, O200K pattern,
 stop tokens); transformers convert_slow_tokenizer.py (TikTokenConverter) and
 models/llama4/convert_llama4_weights_to_hf.py (post-processor, bos/eos/pad in tokenizer_config.json).
 """
@@ -33,7 +33,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 
-# The o200k-style pre-tokenization regex of Llama 4 (spec 4.1, META tokenizer.py O200K_PATTERN). Must stay exact.
+# The o200k-style pre-tokenization regex of Llama 4 (O200K_PATTERN in meta-llama/llama-models models/llama4/
+# tokenizer.py). Must stay exact.
 O200K_PATTERN = (
     r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"""
     r"""|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"""
@@ -41,7 +42,7 @@ O200K_PATTERN = (
 )
 
 
-# ---- the special-token table (spec 4.1; offsets from the first special id, 200000 in the real tokenizer) -----------
+# ---- the special-token table (Meta's llama4/tokenizer.py; offsets from the first special id, 200000 in the real one) -
 def _reserved(name: str, count: int, start: int) -> list[str]:
     return [f"<|{name}_reserved_special_token_{i}|>" for i in range(start, start + count)]
 
@@ -108,7 +109,8 @@ class Tokenizer:
         self.model_max_length = model_max_length
         self.bos_token, self.eos_token = bos_token, eos_token
         # transformers' Llama 4 config names the pad token '<|finetune_right_pad_id|>', a token that does not exist
-        # (spec 10.3); fall back to Meta's name so pad_id is always a real id.
+        # (set by models/llama4/convert_llama4_weights_to_hf.py); fall back to Meta's name so pad_id is always a
+        # real id.
         self.pad_token = pad_token if pad_token in self.specials else (PAD if PAD in self.specials else None)
         for t in (bos_token, eos_token):
             if t not in self.specials:

@@ -78,7 +78,7 @@ def test_batching_and_joining_change_nothing(tok):
     reqs += [engine.submit(p, s) for p, s in zip(prompts[3:], settings[3:], strict=True)]
     engine.run()
     assert [r.output_ids for r in reqs] == alone
-    assert engine.cache is None and not engine.running  # everything finished and freed
+    assert engine.layout.cache is None and not engine.running  # everything finished and freed
 
 
 def test_waiting_requests_join_once_enough_rows_are_free(tok):
@@ -134,12 +134,12 @@ def test_chunked_layers_stay_bounded_on_a_long_generation(tok):
     widest = 0
     while engine.busy:
         engine.step()
-        if engine.cache is not None:
-            for i, chunked in enumerate(engine.cache.chunked):
+        if engine.layout.cache is not None:
+            for i, chunked in enumerate(engine.layout.cache.chunked):
                 if chunked:
-                    widest = max(widest, engine.cache.length[i])
-                    assert engine.cache.length[i] <= cfg.attention_chunk_size - 1
-                    assert engine.cache.capacity(i) <= cfg.attention_chunk_size - 1 + SLACK  # allocated, too
+                    widest = max(widest, engine.layout.cache.length[i])
+                    assert engine.layout.cache.length[i] <= cfg.attention_chunk_size - 1
+                    assert engine.layout.cache.capacity(i) <= cfg.attention_chunk_size - 1 + SLACK  # allocated, too
     assert widest == cfg.attention_chunk_size - 1  # it filled up to the bound and no further
     assert [len(r.output_ids) for r in reqs] == [120, 90, 60]
 
@@ -162,7 +162,7 @@ def test_cancel_frees_the_row_at_once_also_from_a_callback(tok):
         engine.step()
     assert b.finish_reason == "cancelled" and len(b.output_ids) == 3 and b not in engine.running
     engine.cancel(a)
-    assert a.finish_reason == "cancelled" and engine.running == [c] and engine.cache.k[0].shape[0] == 1
+    assert a.finish_reason == "cancelled" and engine.running == [c] and engine.layout.cache.k[0].shape[0] == 1
     engine.run()
     assert c.finish_reason == "length" and len(c.output_ids) == 50
     assert c.output_ids == Engine(engine.model, tok).generate([prompts[2]], c.params)[0].output_ids

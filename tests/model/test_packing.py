@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import herd
-from herd.model.attention import doc_positions
+from herd.model.layout import doc_positions
 
 
 def test_doc_positions():

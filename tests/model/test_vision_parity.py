@@ -26,7 +26,8 @@ def _cfg(**vision):
 
 
 def _prompt(cfg, grids, n_text=5, seed=0):
-    """Token ids laid out like a chat prompt with images (spec 3.6), plus matching random pixel values."""
+    """Token ids laid out like a chat prompt with images (as transformers' `Llama4Processor` expands them), plus
+    matching random pixel values."""
     g = torch.Generator().manual_seed(seed)
     K, patch = cfg.vision_config.tokens_per_tile, cfg.image_token_index
     boi, eoi = cfg.boi_token_index, cfg.eoi_token_index

@@ -62,7 +62,7 @@ def _rows(tok, chunk: int) -> list[tuple[list[int], list[int]]]:
 
 def train_tool_caller(out, seed: int = 0) -> float:
     """Overfit the tiny preset on CASES and save it with its tokenizer as a checkpoint in `out`; the final loss."""
-    from herd import build_model, preset
+    from herd import build_model, preset, save_pretrained
     from herd.tokenizer import tiny_tokenizer
 
     threads = torch.get_num_threads()
@@ -85,7 +85,7 @@ def train_tool_caller(out, seed: int = 0) -> float:
             loss.backward()
             opt.step()
             sched.step()
-        model.save_pretrained(out)
+        save_pretrained(model, out)
         tok.save(out)
         return loss.item()
     finally:
@@ -171,13 +171,14 @@ def test_a_finish_seen_before_its_last_deltas_loses_no_text():
 
     from herd.config import preset
     from herd.serve.app import create_app
+    from herd.serve.serve_config import ServeConfig
     from herd.serve.service import Service
     from herd.tokenizer import tiny_tokenizer
 
     text = 'Sure. [get_weather(city="Paris")]'
 
     class LateWorker:  # the request is done at once; its only delta arrives after the stream's first queue timeout
-        engine = SimpleNamespace(model=SimpleNamespace(config=preset("tiny")))
+        engine = SimpleNamespace(model=SimpleNamespace(text_config=preset("tiny"), vision_config=None))
         queue_length = running = 0
 
         def submit(self, ids, params, pixel_values=None):
@@ -190,7 +191,7 @@ def test_a_finish_seen_before_its_last_deltas_loses_no_text():
         def cancel(self, req):
             pass
 
-    app = create_app(Service(LateWorker(), tiny_tokenizer(), "tiny"))
+    app = create_app(Service(ServeConfig(model="tiny", name="tiny"), LateWorker(), tiny_tokenizer()))
     body = {"model": "tiny", "stream": True, "tools": TOOLS, "messages": [{"role": "user", "content": "Weather?"}]}
 
     async def post() -> list[dict]:

@@ -1,6 +1,6 @@
 """The engine thread behind the server (herd.serve.worker), in process: a failing step ends the requests in flight
 with "error" and the next request is served; a request posted while another runs joins at the next step. Both
-engines: the left-padded batch one and the fixed-shape one (herd.infer.slot_engine, `herd serve --cuda-graphs`).
+batch layouts: the left-padded one and the fixed-shape one (herd.infer.slot_batch, `herd serve --cuda-graphs`).
 
 Run: .venv/bin/python -m pytest tests/serve/test_worker.py -v
 """
@@ -13,8 +13,9 @@ import pytest
 
 import herd
 from herd.infer.engine import Engine
+from herd.infer.padded_batch import PaddedBatch
 from herd.infer.sampling import SamplingParams
-from herd.infer.slot_engine import SlotEngine
+from herd.infer.slot_batch import SlotBatch
 from herd.serve.worker import EngineWorker
 from herd.tokenizer import tiny_tokenizer
 
@@ -29,9 +30,10 @@ async def _wait(req, queue, timeout=60.0):
     await asyncio.wait_for(loop(), timeout)
 
 
-@pytest.mark.parametrize("engine_cls", [Engine, SlotEngine])
-def test_a_failing_step_ends_the_requests_in_flight_and_the_worker_goes_on(engine_cls):
-    engine = engine_cls(herd.build_model(herd.preset("tiny"), seed=0), tiny_tokenizer())
+@pytest.mark.parametrize("layout", [PaddedBatch, SlotBatch])
+def test_a_failing_step_ends_the_requests_in_flight_and_the_worker_goes_on(layout):
+    model = herd.build_model(herd.preset("tiny"), seed=0)
+    engine = Engine(model, tiny_tokenizer(), layout=layout(model))
     real_step, calls = engine.step, []
 
     def flaky_step():
@@ -59,14 +61,17 @@ def test_a_failing_step_ends_the_requests_in_flight_and_the_worker_goes_on(engin
     for req in (a, b):
         assert req.finish_reason == "error" and "RuntimeError: out of memory (simulated)" in req.error
     assert c.finish_reason == "length" and len(c.output_ids) == 6
-    assert engine.cache is None and not engine.running and not worker.thread.is_alive()
-    if engine_cls is SlotEngine:
-        assert engine.free == list(range(engine.max_batch)) and not engine.slots
+    assert not engine.running and not worker.thread.is_alive()
+    if layout is PaddedBatch:
+        assert engine.layout.cache is None
+    else:
+        assert engine.layout.free == list(range(engine.max_batch)) and not engine.layout.slots
 
 
-@pytest.mark.parametrize("engine_cls", [Engine, SlotEngine])
-def test_a_new_request_joins_while_another_runs(engine_cls):
-    engine = engine_cls(herd.build_model(herd.preset("tiny"), seed=0), tiny_tokenizer())
+@pytest.mark.parametrize("layout", [PaddedBatch, SlotBatch])
+def test_a_new_request_joins_while_another_runs(layout):
+    model = herd.build_model(herd.preset("tiny"), seed=0)
+    engine = Engine(model, tiny_tokenizer(), layout=layout(model))
     worker = EngineWorker(engine)
 
     async def scenario():

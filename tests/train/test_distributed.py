@@ -62,7 +62,7 @@ def test_herd_train_under_torchrun_checkpoints_resumes_and_exports(tmp_path):
     import os
 
     from herd.data.corpus import documents
-    from herd.train import checkpoint as ckpt
+    from herd.train import snapshots as ckpt
 
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(d[:3000] for d in documents("train")[:40]))

@@ -16,7 +16,7 @@ import herd
 from herd.data.sources import DataError
 from herd.data.synthetic import scene_chat
 from herd.tokenizer import tiny_tokenizer
-from herd.train import checkpoint as ckpt
+from herd.train import snapshots as ckpt
 from herd.train import train, train_preset
 from herd.train.inputs import IGNORE, ImageRows, chat_example
 from tests.train import small_data
@@ -112,7 +112,7 @@ def test_jsonl_records_and_text_only_init_error(tmp_path, monkeypatch):
     assert ckpt.load(ckpt.latest(out / "ckpt"))["state"]["images"] == {"index": 2}
     text = tmp_path / "text"
     train(_cfg(text, steps=1, image_rows=0))
-    with pytest.raises(herd.checkpoint.CheckpointError, match="text-only model"):
+    with pytest.raises(herd.formats.hf.CheckpointError, match="text-only model"):
         train(_cfg(tmp_path / "again", steps=1, init=str(text)))
 
 
@@ -170,7 +170,7 @@ def test_gradients_match_transformers_through_the_vision_tower(tmp_path):
 
     cfg = herd.multimodal_preset("tiny")
     ours = herd.build_model(cfg, seed=0).train()
-    ours.save_pretrained(tmp_path)
+    herd.save_pretrained(ours, tmp_path)
     theirs = Llama4ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).train()
     ids, labels, pixels = _color_chats(cfg)[0]
     F.cross_entropy(ours(ids, pixel_values=pixels)[0], labels[0], ignore_index=IGNORE).backward()

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from herd.train import checkpoint as ckpt
+from herd.train import snapshots as ckpt
 from herd.train import train, train_preset
 from tests.train import small_data
 

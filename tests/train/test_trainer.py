@@ -16,10 +16,10 @@ import torch
 import herd
 from herd.config import ConfigError
 from herd.train import TrainingDiverged, train, train_preset
-from herd.train import checkpoint as ckpt
-from herd.train.cli import add_train_parser, build_config, run_train
-from herd.train.config import from_dict, load_file, with_overrides
+from herd.train import snapshots as ckpt
 from herd.train.schedule import lr_factor
+from herd.train.train_cli import add_train_parser, build_config, run_train
+from herd.train.train_config import from_dict, load_file, with_overrides
 from herd.train.trainer import Run, flops_per_token
 from tests.train import small_data
 
@@ -91,11 +91,12 @@ def short_run(tmp_path_factory):
         out = tmp_path_factory.mktemp("short")
         cfg = train_preset("smoke", out_dir=str(out), steps=20, warmup=3, batch_size=8, eval_every=10,
                            eval_batches=2, ckpt_every=10, log_every=5, lr=1e-2)
-        yield out, train(cfg)
+        run = Run(cfg)
+        yield out, run.fit(), run.model.eval()
 
 
 def test_short_run_learns_and_writes_metrics_and_plots(short_run):
-    out, summary = short_run
+    out, summary, _ = short_run
     train_recs, evals = _records(out, "train"), _records(out, "eval")
     assert [r["step"] for r in train_recs] == list(range(1, 21)) and [r["step"] for r in evals] == [0, 10, 20]
     assert [r["step"] for r in train_recs if "tok_s" in r] == [5, 10, 15, 20]  # throughput and loads per log line
@@ -113,27 +114,105 @@ def test_short_run_learns_and_writes_metrics_and_plots(short_run):
     assert json.loads((out / "train_config.json").read_text())["steps"] == 20
 
 
-def test_export_loads_in_transformers_with_matching_logits(short_run):
+def _ids(n=40, seed=0):
+    return torch.randint(3, 900, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _safetensors_names(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return list(f.keys())
+
+
+def test_a_default_run_serves_and_exports_the_model_it_evaluated(short_run):
+    """Train -> export -> load -> serve -> compare. The default balancing (aux-free) trains router biases; the
+    cooldown takes them back to exactly zero, so the final model (what the last eval measured) needs none, and
+    herd's loader, its server's engine and transformers all compute that model."""
+    import asyncio
+
     from transformers import AutoTokenizer
     from transformers import Llama4ForCausalLM as HFLlama4
 
-    out, summary = short_run
+    from herd.infer.sampling import SamplingParams
+    from herd.serve import build_service
+    from herd.serve.serve_config import ServeConfig
+
+    out, summary, final = short_run
     hf_dir = out / "hf"
+    mid, last = [ckpt.load(d, ("state",))["state"]["expert_bias"] for d in ckpt.step_dirs(out / "ckpt")]
+    assert any(bool(b.any()) for b in mid.values())  # balancing moved the biases during the run (step 10) ...
+    assert not any(bool(b.any()) for b in last.values())  # ... and the cooldown brought them back to 0 (step 20)
+    assert not any(n.endswith("expert_bias") for n in _safetensors_names(hf_dir))
+    assert not (hf_dir / "expert_bias.json").exists()
+    served = herd.from_pretrained(hf_dir)
     ref = HFLlama4.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
-    ours = herd.from_pretrained(hf_dir)
-    trained = ckpt.load(ckpt.latest(out / "ckpt"))
-    assert all(torch.equal(p, trained["model"][n]) for n, p in ours.state_dict().items())
-    ids = torch.tensor([AutoTokenizer.from_pretrained(hf_dir).encode("It is a truth universally acknowledged")])
+    ids = torch.cat([_ids(), torch.tensor([AutoTokenizer.from_pretrained(hf_dir).encode("It is a truth")] * 2)], 1)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), ref(ids).logits, atol=1e-5, rtol=1e-5)
-    # the routers' balancing biases are not part of the HF format: they travel in a sidecar herd reads back
-    biases = json.loads((hf_dir / "expert_bias.json").read_text())
-    assert biases.keys() == trained["state"]["expert_bias"].keys()
-    assert any(any(v) for v in biases.values())  # aux-free balancing moved them
+        torch.testing.assert_close(served(ids), final(ids), atol=1e-6, rtol=0)
+        torch.testing.assert_close(ref(ids).logits, final(ids), atol=1e-5, rtol=1e-5)
+    # what `herd serve` answers: its engine's tokens and raw logprobs are the run's model's
+    service = build_service(ServeConfig(model=str(hf_dir), device="cpu"))
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True, logprobs=True)
+    prompt = ids[0, :25].tolist()
+
+    async def ask():
+        req, queue = service.worker.submit(prompt, params)
+        while not req.finished:
+            await asyncio.wait_for(queue.get(), 60)
+        return req
+    try:
+        req = asyncio.run(ask())
+    finally:
+        service.worker.stop(0)
+    expected = herd.generate(final, torch.tensor([prompt]), 12)[0, 25:].tolist()
+    assert req.output_ids == expected
+    with torch.no_grad():
+        logp = final(torch.tensor([prompt + expected])).log_softmax(-1)[0, 24:-1]  # the logprob of each new token
+    torch.testing.assert_close(torch.tensor([lp["logprob"] for lp in req.logprobs]),
+                               logp.gather(1, torch.tensor(expected)[:, None])[:, 0], atol=1e-5, rtol=0)
+
+
+def test_an_export_that_still_routes_with_biases_loads_exactly_in_herd_and_says_so(tmp_path, capsys):
+    """A run without the cooldown (or stopped before it ends) exports router biases: herd loads them (the served
+    model is the evaluated one), the exporter warns with what dropping them changes, transformers reports the extra
+    tensors, and an older export's expert_bias.json sidecar is still read."""
+    from herd.formats.hf import LEGACY_BIAS_FILE, RoutingWarning, router_biases
+
+    cfg = train_preset("smoke", out_dir=str(tmp_path), steps=8, warmup=1, eval_every=8, ckpt_every=8,
+                       bias_cooldown=0.0, lr=1e-2, plots=False)
+    run = Run(cfg)
+    run.fit()
+    final, hf_dir = run.model.eval(), tmp_path / "hf"
+    biases = {n: b.clone() for n, b in router_biases(final).items()}
+    assert all(bool(b.any()) for b in biases.values())
+    said = capsys.readouterr().out
+    assert "WARNING" in said and "routes with non-zero MoE selection biases (4 routers)" in said
+    rec = _records(tmp_path, "export")[0]
+    assert rec["biased_routers"] == 4 and 0 < rec["routing_changed"] <= 1 and rec["max_logit_change"] > 0
+    assert sorted(n for n in _safetensors_names(hf_dir) if n.endswith("expert_bias")) == sorted(biases)
+    served, ids = herd.from_pretrained(hf_dir), _ids(seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids), final(ids), atol=1e-6, rtol=0)
+        unbiased = herd.build_model(final.config, seed=0)
+        unbiased.load_state_dict(final.state_dict())
+        assert (unbiased(ids) - final(ids)).abs().max() > 1e-3  # the biases matter to these logits
+    # transformers cannot route with them, and its load report names them rather than dropping them silently
+    from transformers import Llama4ForCausalLM as HFLlama4
+
+    with pytest.warns(RoutingWarning, match="transformers and vLLM ignore them"):
+        herd.save_pretrained(final, tmp_path / "again")
+    _, info = HFLlama4.from_pretrained(tmp_path / "again", output_loading_info=True)
+    assert sorted(info["unexpected_keys"]) == sorted(biases)
+    # an older export: weights without the biases, which sat in a JSON sidecar
+    herd.save_pretrained(unbiased, tmp_path / "old")
+    (tmp_path / "old" / LEGACY_BIAS_FILE).write_text(json.dumps({n: b.tolist() for n, b in biases.items()}))
+    with torch.no_grad():
+        torch.testing.assert_close(herd.from_pretrained(tmp_path / "old")(ids), final(ids), atol=1e-6, rtol=0)
 
 
 def test_distillation_from_a_run_with_fp8_metap_student(short_run, tmp_path):
-    teacher, _ = short_run  # a training run's directory is a valid teacher (its newest checkpoint is used)
+    teacher, _, _ = short_run  # a training run's directory is a valid teacher (its newest checkpoint is used)
     cfg = train_preset("smoke", out_dir=str(tmp_path), steps=2, warmup=1, teacher=str(teacher), alpha=0.9,
                        alpha_end=0.1, alpha_schedule="linear", tau=2.0, fp8=True, metap=True, base_width=32,
                        export=False, plots=False)

@@ -12,8 +12,8 @@ Validation split: within each source, document k (file order) is held out when k
 5%). Whole documents are held out, so no validation text appears in training; the rule is fixed, not seeded, so
 every run and every machine agrees on it.
 
-Design: each source file is decompressed and parsed once per process (functools.cache; ~1.3 s for all five on a
-2-core 2.5 GHz VM, xz decoding dominates) and the strings are shared; `documents()` returns a new list each call,
+Design: each source file is decompressed and parsed once per process (functools.cache; xz decoding dominates
+the cost) and the strings are shared; `documents()` returns a new list each call,
 so callers may shuffle it. xz (preset 9e) rather than gzip: 7.1 MB instead of 9.2 MB in the package.
 """
 

@@ -16,7 +16,8 @@ Shape scenes (`make_scene`, `scene_chat`)
   {"url": <the PIL image>}}`: herd.chat.prepare_chat / herd.image.load_image take a PIL image wherever they take a
   URL, so nothing is encoded; `image_format="data_url"` gives a PNG data URL instead (for JSON or other tools).
 
-Long-context retrieval (`passkey_document`, `kv_document`), as in the needle-in-a-haystack family (spec section 5.1)
+Long-context retrieval (`passkey_document`, `kv_document`), as in the needle-in-a-haystack family (RULER,
+arXiv 2404.06654; the retrieval tests of Meta's "The Llama 4 herd" blog post)
 - Passkey: the filler of Mohtashami & Jaggi, "Landmark Attention" (arXiv 2305.16300) - or built-in corpus prose
   (filler="corpus") - with "The pass key is N. Remember it. N is the pass key." at a chosen depth.
 - Key-value: a JSON object of random UUID keys and values, as in Liu et al., "Lost in the Middle" (arXiv 2307.03172);

@@ -1,33 +1,34 @@
 """The inference engine: token ids in, token ids (and text) out, many requests at once. Knows nothing of HTTP.
 
-Continuous batching: requests join and leave one running batch between decode steps.
+Continuous batching: requests join and leave one running batch between decode steps. The engine owns the requests -
+admission, prefill, sampling, stops, logprobs, streaming and cancellation, written once - and holds a batch layout
+that owns where the running rows' keys live and runs the decode step as one model call:
+herd.infer.padded_batch.PaddedBatch (default: one left-padded cache, any shape, eager) or
+herd.infer.slot_batch.SlotBatch (a fixed-shape row per request: torch.compile and CUDA graphs).
 - Requests waiting when a step begins are prefilled together, as one left-padded batch (up to `prefill_tokens`
   padded positions; vLLM and transformers' `generate` also prefill many prompts in one pass, which keeps the matrix
   multiplies large), in pieces of `prefill_chunk` positions (a long prompt never needs one huge attention), into a
   cache of their own. A prompt with images is prefilled alone and in one piece (an image's tokens must arrive
-  together); its images are encoded once. Each request's first token is sampled from that pass.
+  together); its images are encoded once. Each request's first token is sampled from that pass, and the layout
+  takes its rows (`admit`).
 - While rows are running, waiting requests are admitted once `admit_fraction` of `max_batch` rows (default a
   quarter) are free, or as soon as all of them fit: a prefill pass reads every weight like a decode step does, so a
-  few larger passes beat one per finished row (mixed workload at batch 32 on the 2-core CPU: 13-16% more tokens/s and
-  a lower median time to first token; no change at batch 8). An idle engine admits at once.
-- They then join the batch: their cache is merged into the batch's by left padding (herd.model.cache.KVCache rows share
-  one length). Chunked (RoPE) layers keep at most `attention_chunk_size - 1` positions per row, global (NoPE) layers
-  the whole context, so memory is the two-tier cost of herd.model.cache.
-- A left-padded row computes what it computes alone: RoPE gets each row's real positions (`position_ids`), the chunk
-  rule counts from each row's first real token (herd.model.attention.build_mask), and the NoPE layers' attention
-  temperature gets real positions too (`temperature_positions`). Only float summation order may differ from a batch
-  of one, so greedy outputs are the same (tests/infer/test_engine.py).
+  few larger passes beat one per finished row (measured in the README's engine benchmark). An idle engine admits
+  at once.
+- Prefill gives every row its real positions (`position_ids`, `temperature_positions`) so a left-padded row computes
+  what it computes alone; only float summation order may differ from a batch of one, so greedy outputs are the same
+  (tests/infer/test_engine.py).
 - Every decode step feeds each running row its last token, samples all rows at once (herd.infer.sampling: per-row
   settings, per-request seeded generators), and runs each row's StopChecker (stop ids, stop strings, max tokens).
-  Finished or cancelled rows leave the batch at once (their cache rows are dropped) and the shared left padding the
-  batch no longer needs is trimmed. Ids the tokenizer lacks (a padded model vocabulary) and a multimodal model's
-  image placeholder are never sampled: a generated `<|patch|>` would have no image feature behind it.
+  Finished or cancelled rows leave the batch at once (`keep`). Ids the tokenizer lacks (a padded model vocabulary)
+  and a multimodal model's image placeholder are never sampled: a generated `<|patch|>` would have no image feature
+  behind it.
 - A request whose input fails in the model while it is admitted (its group is then retried one by one) ends alone
   with finish_reason "error" and its message in `req.error`; the batch goes on. `fail_all` ends everything (a server
   calls it when a step itself raised).
 
 Use:
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer)    # or Engine(model, tokenizer, layout=SlotBatch(model, 8, compile=True))
     req = engine.submit(prompt_ids, SamplingParams(max_new_tokens=64), on_delta=lambda r, text: print(text))
     engine.run()            # or engine.step() from your own loop; engine.cancel(req) at any time
     # from another thread: req = engine.request(...) there, then engine.add(req) on the engine's thread
@@ -42,8 +43,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from herd.infer.padded_batch import PaddedBatch
 from herd.infer.sampling import SamplingParams, make_generator, never_sampled, sample
 from herd.infer.stops import StopChecker
 from herd.model.cache import KVCache
@@ -75,25 +76,23 @@ class Request:
         return self.checker.text
 
 
-def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Pad (B, G, S, D) on the left of S with n zero positions."""
-    return F.pad(t, (0, 0, n, 0)) if n else t
-
-
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 32, prefill_chunk: int = 512, prefill_tokens: int = 4096,
-                 admit_fraction: float = 0.25):
+    def __init__(self, model, tokenizer, max_batch: int | None = None, prefill_chunk: int = 512,
+                 prefill_tokens: int = 4096, admit_fraction: float = 0.25, layout=None):
+        """`layout`: where running rows live (module docstring); by default a PaddedBatch of `max_batch` rows (32).
+        A given layout brings its own max_batch."""
         self.model, self.tok = model.eval(), tokenizer
-        self.cfg = getattr(model.config, "text_config", model.config)
-        self.max_batch, self.prefill_chunk, self.prefill_tokens = max_batch, prefill_chunk, prefill_tokens
+        self.cfg = model.text_config
+        if layout is not None and max_batch not in (None, layout.max_batch):
+            raise ValueError(f"max_batch {max_batch} contradicts the layout's {layout.max_batch}")
+        self.layout = layout if layout is not None else PaddedBatch(model, max_batch or 32)
+        self.max_batch, self.prefill_chunk, self.prefill_tokens = self.layout.max_batch, prefill_chunk, prefill_tokens
         if not 0 <= admit_fraction <= 1:
             raise ValueError(f"admit_fraction must be in [0, 1], got {admit_fraction}")
         self.admit_fraction = admit_fraction
         self.device = next(model.parameters()).device
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # row r of the batch cache is running[r]
-        self.cache: KVCache | None = None
-        self.mask: torch.Tensor | None = None  # (R, S) True = a real token (False: left padding)
+        self.running: list[Request] = []  # the layout's row r is running[r]
         self.lengths: list[int] = []  # real tokens in each row's cache
         self.next_ids: list[int] = []  # each row's token not yet fed to the model
         self._ids = itertools.count()
@@ -111,7 +110,7 @@ class Engine:
         if len(prompt) >= self.cfg.max_position_embeddings:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is "
                              f"{self.cfg.max_position_embeddings}")
-        if pixel_values is not None and not hasattr(self.model.config, "vision_config"):
+        if pixel_values is not None and self.model.vision_config is None:
             raise ValueError("this is a text-only model: it cannot take images")
         bad = next((t for t in prompt if not 0 <= t < self.cfg.vocab_size), None)
         if bad is not None:
@@ -119,7 +118,7 @@ class Engine:
         if params.logit_bias and params.logit_bias[-1][0] >= self.cfg.vocab_size:  # pairs are sorted by id
             raise ValueError(f"logit_bias names token id {params.logit_bias[-1][0]}, outside the vocabulary "
                              f"(size {self.cfg.vocab_size})")
-        image_id = getattr(self.model.config, "image_token_index", None)
+        image_id = self.model.image_token_index
         if pixel_values is None and image_id is not None and image_id in prompt:
             raise ValueError(f"the prompt holds image placeholder tokens (id {image_id}) but no image was given")
         return Request(next(self._ids), prompt, params, pixel_values, on_delta,
@@ -152,7 +151,8 @@ class Engine:
         unknown, and the next requests must start clean)."""
         reqs = list(self.waiting) + self.running
         self.waiting.clear()
-        self.running, self.next_ids, self.lengths, self.cache, self.mask = [], [], [], None, None
+        self.running, self.next_ids, self.lengths = [], [], []
+        self.layout.reset()
         for req in reqs:
             self._fail(req, message)
 
@@ -165,6 +165,13 @@ class Engine:
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def warmup(self, progress=None) -> None:
+        """Prepare the layout's decode step for every batch size before the first request (SlotBatch compiles or
+        captures it; `progress(i, n, b)` before each size). Only on an idle engine."""
+        if self.running:
+            raise RuntimeError("warmup() needs an idle engine: its steps would overwrite running rows")
+        self.layout.warmup(progress)
 
     def run(self) -> None:
         while self.busy:
@@ -232,21 +239,17 @@ class Engine:
             extra = {"pixel_values": pixels.to(self.device)} if pixels is not None else {}
             logits = self.model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b],
                                 temperature_positions=pos[:, a:b], cache=cache, logits_to_keep=1, **extra)
-        self._merge(cache, mask, lens)
+        self.layout.admit(cache, mask, lens)
+        self.lengths += lens
         first = len(self.running)
         self.running += reqs
         self.next_ids += [-1] * len(reqs)
         self._sample(logits[:, -1], list(range(first, first + len(reqs))))
 
     def _decode(self) -> None:
-        R = len(self.running)
-        ids = torch.tensor(self.next_ids, device=self.device)[:, None]  # (R, 1)
-        pos = torch.tensor(self.lengths, device=self.device)[:, None]  # (R, 1) real positions
-        self.mask = torch.cat([self.mask, torch.ones(R, 1, dtype=torch.bool, device=self.device)], dim=1)
-        logits = self.model(ids, attention_mask=self.mask, position_ids=pos, temperature_positions=pos,
-                            cache=self.cache, logits_to_keep=1)
+        logits = self.layout.decode(self.next_ids, self.lengths)  # (R, V)
         self.lengths = [n + 1 for n in self.lengths]
-        self._sample(logits[:, -1], list(range(R)))
+        self._sample(logits, list(range(len(self.running))))
 
     def _sample(self, logits: torch.Tensor, rows: list[int]) -> None:
         """Pick the next token of `rows` (logits (len(rows), V)), stream their text, retire finished rows."""
@@ -284,40 +287,9 @@ class Engine:
             if q.on_delta is not None:  # every token, also one whose text is held back (""): logprobs stream too
                 q.on_delta(q, delta)
 
-    # ---- the batch cache -------------------------------------------------------------------------------------------
-    def _merge(self, new: KVCache, new_mask: torch.Tensor, lens: list[int]) -> None:
-        """Append a prefilled cache (rows with padding mask `new_mask` (k, W) and `lens` real positions) to the batch,
-        left-padding whichever is shorter."""
-        if self.cache is None:
-            self.cache, self.mask, self.lengths = new, new_mask, list(lens)
-            return
-        old, S = self.cache, max(self.cache.seen, new.seen)
-        for i in range(len(old.k)):
-            (a, av), (b, bv) = old.layer(i), new.layer(i)
-            keep = min(S, old.chunk - 1) if old.chunked[i] else S
-            old.put(i, torch.cat([_left_pad(a, keep - a.shape[2]), _left_pad(b, keep - b.shape[2])]),
-                    torch.cat([_left_pad(av, keep - av.shape[2]), _left_pad(bv, keep - bv.shape[2])]))
-        self.mask = torch.cat([F.pad(self.mask, (S - self.mask.shape[1], 0)),
-                               F.pad(new_mask, (S - new_mask.shape[1], 0))])
-        old.seen = S
-        self.lengths += lens
-
     def _drop(self, keep: list[int]) -> None:
-        """Keep only batch rows `keep`, then trim the left padding every remaining row has."""
+        """Keep only running rows `keep` (the layout frees the others' rows)."""
         self.running = [self.running[r] for r in keep]
         self.next_ids = [self.next_ids[r] for r in keep]
         self.lengths = [self.lengths[r] for r in keep]
-        if not keep:
-            self.cache = self.mask = None
-            return
-        rows = torch.tensor(keep, device=self.device)
-        self.cache.reorder(rows)
-        self.mask = self.mask[rows]
-        lead = int((~self.mask).int().cumprod(-1).sum(-1).min())  # left padding common to all rows
-        if lead:
-            c, S = self.cache, self.cache.seen - lead
-            for i in range(len(c.k)):
-                k, v = c.layer(i)
-                n = min(c.length[i], S)  # a chunked layer keeps min(S, C - 1), a global one S positions
-                c.put(i, k[:, :, k.shape[2] - n:], v[:, :, v.shape[2] - n:])
-            c.seen, self.mask = S, self.mask[:, lead:]
+        self.layout.keep(keep)

@@ -44,7 +44,7 @@ Forward (`quant_linear`): the weight is dequantized to float32 and cast to the a
 output rows, 2 MiB of float32) at a time, each tile multiplied as soon as it is made. A full float copy of a layer
 never exists, so the transient memory is one tile, not one layer (a Scout expert's gate_up would be 335 MB), and the
 tile is still in cache when the matmul reads it. Tiling matters on CPU: a fresh 16 MB buffer per call costs
-thousands of page faults (2048 x 2048 int4, 1 thread: 26 ms whole, 9 ms in tiles of 256 rows). On a GPU the tiles are
+thousands of page faults, which cost more than dequantizing and multiplying in tiles. On a GPU the tiles are
 GPU_TILE weights (128 MiB of float32), since there every tile is several kernel launches.
 
 What it buys, honestly: resident weight memory of the converted layers drops about 4x (int8, fp8) and 6-7.5x (int4)
@@ -52,7 +52,7 @@ from float32 (half those factors from bfloat16).
 The weight-only formats do not buy speed: every call decodes the codes and writes float tiles before a plain matmul,
 more work than the float model's matmul alone. The bandwidth win of weight-only quantization needs a fused
 dequantize-and-multiply kernel (tinygemm, Marlin, torch's `_weight_int8pack_mm`), not used here. fp8 dynamic does
-multiply in fp8 and is faster than bfloat16 on an H200 at prefill sizes (1.1-1.4x at 4096 rows), but slower at decode
+multiply in fp8 and is faster than bfloat16 on an H200 at prefill sizes (see the README), but slower at decode
 sizes, where quantizing the input rows (five small kernels) costs more than the matmul saves.
 benchmarks/bench_quant.py and benchmarks/bench_fp8_matmul.py measure it next to perplexity.
 
@@ -136,8 +136,8 @@ def quantize_weight(w: torch.Tensor, bits, group_size: int | None = None) -> tup
 
 
 def fp8_as_fp16(q: torch.Tensor) -> torch.Tensor:
-    """float8_e4m3fn codes -> float16 holding exactly value * 2^-8, by moving bits instead of torch's cast (scalar
-    on CPU: 19 ms for 4M values, this about half). e4m3 is s|eeee|mmm with bias 7; placed as s|0eeee|mmm0000000 in
+    """float8_e4m3fn codes -> float16 holding exactly value * 2^-8, by moving bits instead of torch's cast (which
+    runs scalar on CPU). e4m3 is s|eeee|mmm with bias 7; placed as s|0eeee|mmm0000000 in
     float16 (bias 15) it reads as 2^(e - 15) (1 + m/8) = value * 2^-8, and a subnormal e4m3 (e = 0) lands on the
     float16 subnormal with the same factor. The NaN codes (0x7f, 0xff) would read as finite: quantize_weight never
     makes them."""
@@ -160,7 +160,7 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, bits, dtype: tor
 
 TILE = 2**19  # weights dequantized at once by quant_linear: 2 MiB of float32 (module docstring)
 # On a GPU each tile costs a handful of kernel launches and the transient buffer is no burden: 128 MiB of float32
-# (a 8192 x 8192 layer in two tiles; 2 MiB tiles made it 128 tiles and 16 ms a call on an H200)
+# (a 8192 x 8192 layer in two tiles; 2 MiB tiles would make it 128, see the README's quantization benchmarks)
 GPU_TILE = 2**25
 
 

@@ -119,11 +119,11 @@ def never_sampled(model, vocab_limit: int | None, device: torch.device | str = "
     """(V,) True for the ids no request may sample, or None: ids from `vocab_limit` on (a model vocabulary padded
     past its tokenizer's: the tokenizer could not decode them), and a multimodal model's image placeholder, which
     stands for an image feature that a generated token would not have."""
-    V = getattr(model.config, "text_config", model.config).vocab_size
+    V = model.text_config.vocab_size
     banned = torch.zeros(V, dtype=torch.bool, device=device)
     if vocab_limit is not None:
         banned[vocab_limit:] = True
-    image_id = getattr(model.config, "image_token_index", None)
+    image_id = model.image_token_index
     if image_id is not None and image_id < V:
         banned[image_id] = True
     return banned if bool(banned.any()) else None

@@ -1,16 +1,16 @@
 """Llama 4 text attention: GQA with iRoPE, QK-norm and inference-time temperature tuning.
 
-iRoPE (Llama 4 model card; spec section 2.4-2.6): three layers in four apply RoPE and attend only inside fixed,
-absolutely aligned chunks of `attention_chunk_size` tokens ("chunked local attention"); every fourth layer applies
-no positional encoding at all (NoPE) and attends over the whole causal context. Long-context extrapolation comes
-from the NoPE layers, helped by scaling their queries with a slowly growing temperature (Nakanishi 2025, "Scalable-
-Softmax Is Superior for Attention", arXiv:2501.19399).
+iRoPE (the Llama 4 model card and Meta's "The Llama 4 herd" post): three layers in four apply RoPE and attend only
+inside fixed, absolutely aligned chunks of `attention_chunk_size` tokens ("chunked local attention"); every fourth
+layer applies no positional encoding at all (NoPE) and attends over the whole causal context. Long-context
+extrapolation comes from the NoPE layers, helped by scaling their queries with a slowly growing temperature
+(Nakanishi 2025, "Scalable-Softmax Is Superior for Attention", arXiv:2501.19399).
 
 Design choices, all chosen to match Hugging Face transformers' `Llama4TextAttention` bit for bit where it matters:
 - RoPE is the interleaved ("complex", GPT-J) form: pairs (x[2i], x[2i+1]) rotate together, computed in float32.
   Checkpoints keep Meta's row order, so no q/k permutation is needed.
 - QK-norm is a weightless RMS norm per head, after RoPE, on RoPE layers only, with eps = rms_norm_eps.
-- Masks follow absolute cache positions; chunks are aligned to the first real (non-left-padding) token.
+- Positions and attend-masks come from the batch layout (herd.model.layout): this module only applies them.
 - torch SDPA does the attention; masks are skipped (`is_causal`) exactly when they are plainly causal.
 
 Shapes: B batch, T new tokens, K keys visible this step, H query heads, G kv heads, D head_dim, C chunk size.
@@ -64,57 +64,6 @@ def rms_unit(x: torch.Tensor, eps: float) -> torch.Tensor:
 def temperature_scale(cache_positions: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
     """s(p) = 1 + attn_scale * log(1 + floor((p + 1) / floor_scale)); 1.0 below floor_scale - 1 (arXiv:2501.19399)."""
     return torch.log1p(torch.floor((cache_positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
-
-
-def build_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, pad: torch.Tensor | None, chunk: int | None,
-               ) -> torch.Tensor | None | str:
-    """Boolean attend-mask (B, 1, T, K), or "causal" / None when SDPA needs no explicit mask.
-
-    q_pos (T,), k_pos (K,) are absolute cache positions; pad (B, P) is the 2-D padding mask over all positions seen
-    so far (P >= max k_pos + 1), True = real token. With `chunk`, the chunked-local rule applies:
-    floor((k - lp) / C) == floor((q - lp) / C) where lp is the row's count of left-padding tokens.
-    """
-    T, K = q_pos.numel(), k_pos.numel()
-    padded = pad is not None and not bool(pad.all())
-    if not padded:
-        one_chunk = chunk is None or (int(q_pos[-1]) // chunk == int(k_pos[0]) // chunk)
-        if one_chunk and T == 1:
-            return None
-        if one_chunk and T == K and int(q_pos[0]) == int(k_pos[0]):
-            return "causal"
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, K)
-    if chunk is not None:
-        lp = (~pad.bool()).int().cumprod(-1).sum(-1) if padded else torch.zeros(1, dtype=torch.long,
-                                                                                device=q_pos.device)
-        lp = lp.view(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
-        q_chunk = torch.div(q_pos.view(1, 1, T, 1) - lp, chunk, rounding_mode="floor")
-        k_chunk = torch.div(k_pos.view(1, 1, 1, K) - lp, chunk, rounding_mode="floor")
-        allowed = allowed & (q_chunk == k_chunk)
-    if padded:
-        allowed = allowed & pad.bool()[:, k_pos][:, None, None, :]
-    return allowed
-
-
-def doc_positions(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Position of each token inside its document (B, T) for packed rows of doc ids (B, T), e.g. [7,7,7,9,9] ->
-    [0,1,2,0,1]. A new document starts wherever the id changes."""
-    T = doc_ids.shape[1]
-    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return idx - torch.where(starts, idx, 0).cummax(-1).values
-
-
-def build_doc_mask(doc_ids: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """Attend-mask (B, 1, T, T) for packed training rows: causal, never across documents, and (with `chunk`) chunks
-    aligned to each document's own start - exactly what each document would see alone at inference."""
-    T = doc_ids.shape[1]
-    idx = torch.arange(T, device=doc_ids.device)
-    allowed = (idx[None, :] <= idx[:, None])[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
-    if chunk is not None:
-        c = torch.div(doc_positions(doc_ids), chunk, rounding_mode="floor")
-        allowed = allowed & (c[:, :, None] == c[:, None, :])
-    return allowed[:, None]
 
 
 class Attention(nn.Module):

@@ -1,7 +1,7 @@
 """Building models from configs: on the meta device (no memory) or materialized with random weights.
 
 NOTE: a model built on the meta device has parameters with shapes but no storage; run `materialize` (random
-weights) or load a checkpoint (herd.checkpoint) before calling it.
+weights) or load a checkpoint (herd.formats.hf) before calling it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def build_model(cfg: TextConfig | Llama4Config, device: str | torch.device = "cp
 def allocate(model: Model, device: str | torch.device) -> Model:
     """Give a meta-device model uninitialised storage on `device` (weights are loaded or initialised next)."""
     model.to_empty(device=device)
-    text = model.language_model if isinstance(model, Llama4ForConditionalGeneration) else model
+    text = model.decoder
     if text.config.tie_word_embeddings:  # to_empty breaks the tie; restore it
         text.lm_head.weight = text.model.embed_tokens.weight
     with torch.no_grad():  # buffers outside the checkpoint start at their defined values, not at garbage

@@ -2,7 +2,7 @@
 
 A chunked layer's query at position q only sees keys of its own chunk that are <= q, so at most C - 1 earlier keys
 (C = attention_chunk_size). The cache therefore keeps the last C - 1 positions for chunked layers and returns them
-together with the step's new keys; the mask (herd.model.attention.build_mask) applies the exact chunk rule on
+together with the step's new keys; the mask (herd.model.layout.build_mask) applies the exact chunk rule on
 absolute positions, so the result equals attention over the full history. Memory for 3 of every 4 layers stops
 growing after C tokens: at Scout's C = 8192 a 1M-token context needs ~4x less KV memory than a plain cache.
 
@@ -14,7 +14,9 @@ new keys (no concatenation of the whole window per step, which at C = 8192 would
   to the front (every SLACK steps: amortised (C - 1) / SLACK positions per token), so between steps the buffer holds
   C - 1 + max(T, SLACK) slots, T being the last step's new positions (a long prefill piece's buffer shrinks back to
   C - 1 + SLACK on the next step).
-`layer(i)` returns a layer's valid keys and values, `put(i, k, v)` replaces them (the engine's batch merging).
+`step(...)` lays out a forward call after what the cache holds (positions, masks: herd.model.layout), `update(i, k,
+v)` stores a layer's new keys; `layer(i)` returns a layer's valid keys and values, `put(i, k, v)` replaces them (the
+left-padded batch's merging, herd.infer.padded_batch).
 
 Positions here are cache positions: every slot written, left padding included (the transformers convention).
 Shapes: B batch, G kv heads, S stored positions, T new positions, D head_dim.
@@ -23,6 +25,8 @@ Shapes: B batch, G kv heads, S stored positions, T new positions, D head_dim.
 from __future__ import annotations
 
 import torch
+
+from herd.model.layout import Step, sequence_step
 
 SLACK = 64  # free slots behind a chunked layer's window: one compaction copy per SLACK decode steps
 
@@ -38,9 +42,13 @@ class KVCache:
         self.length = [0] * n  # valid stored positions per layer
         self.seen = 0  # positions written so far; the next token's cache position
 
-    def window(self, chunked: bool) -> int:
-        """How many past positions a layer type keeps (the start of its visible keys is seen - window)."""
-        return self.chunk - 1 if chunked else self.seen
+    def step(self, B: int, T: int, device: torch.device, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None, temperature_positions: torch.Tensor | None = None) -> Step:
+        """Positions and masks for T new tokens per row after the `seen` ones: chunked layers still hold the last
+        C - 1 of them, global layers all (herd.model.layout.sequence_step)."""
+        kept = {True: self.chunk - 1, False: self.seen}
+        return sequence_step(B, T, device, self.chunk, attention_mask, position_ids, temperature_positions, self.seen,
+                             kept)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's stored keys and values (B, G, length, D): views into its buffers."""

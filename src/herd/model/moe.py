@@ -1,6 +1,6 @@
 """Llama 4 feed-forward blocks: the dense SwiGLU MLP and the mixture-of-experts block.
 
-MoE (Llama 4 model card; spec section 2.7):
+MoE (Llama 4 model card; meta-llama/llama-models models/llama4/moe.py; transformers' `Llama4TextMoe`):
 - a linear router scores every expert; top-k (top-1 for Scout and Maverick) is taken on the raw logits;
 - the chosen expert's weight is sigmoid(logit), computed in float32 - a sigmoid, not a softmax, and never
   renormalised;
@@ -13,7 +13,7 @@ expert and runs only the selected experts: E/k times fewer FLOPs in the routed p
 has a grouped matmul for the device and dtype (`torch._grouped_mm`: float32 on CPU, bfloat16 on Hopper GPUs), all
 experts run in two calls over the sorted tokens with their group boundaries on the device: no per-expert loop of
 small ops, and no host synchronization to learn the group sizes, which a GPU decode step would otherwise pay in
-every MoE layer. Elsewhere (bfloat16 on CPU, where the grouped kernel measured 5x slower than the loop; older GPUs)
+every MoE layer. Elsewhere (bfloat16 on CPU, where the grouped kernel is slower than the loop; older GPUs)
 a loop over the busy experts computes the same thing.
 
 Expert weights keep the checkpoint layout: gate_up_proj (E, D, 2F) with gate in the first F columns and the input
@@ -77,7 +77,7 @@ def _grouped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     return torch._grouped_mm(up * F.silu(gate), down, offs=ends)  # (M, D)
 
 
-# The same computation as one opaque operator, for torch.compile of inference steps (herd.infer.slot_engine):
+# The same computation as one opaque operator, for torch.compile of inference steps (herd.infer.slot_batch):
 # inductor cannot trace torch._grouped_mm in float32 (its shape function takes bfloat16 only), and an operator it
 # only calls needs no tracing. It has no backward, so training (grad enabled) traces the plain function above.
 grouped_swiglu = torch.library.custom_op("herd::grouped_swiglu", mutates_args=())(_grouped_swiglu)
@@ -93,7 +93,9 @@ class Router(nn.Linear):
 
     `expert_bias` (E,) is the auxiliary-loss-free load-balancing bias (Wang et al. 2024, arXiv:2408.15664; used by
     DeepSeek-V3): it shifts which experts are CHOSEN, never the weights, and training nudges it toward balance. It is
-    zero for released checkpoints and is not part of the Hugging Face format (herd's training checkpoints keep it).
+    zero for released checkpoints and for a herd run that finished its bias cooldown (herd.train.balance). It is a
+    non-persistent buffer: the state dict matches Llama 4's format, and the formats that carry it do so explicitly
+    (herd.train.snapshots always; herd.formats.hf as extra tensors, when non-zero).
     """
 
     def __init__(self, hidden: int, n_experts: int, top_k: int):
@@ -135,7 +137,7 @@ class MoE(nn.Module):
         order = torch.argsort(flat_e, stable=True)
         token = order // k  # token of each sorted assignment
         # a scatter, not bincount: bincount on CUDA reads the largest id back to the host, which would stop a decode
-        # step from being captured as a CUDA graph (herd.infer.slot_engine)
+        # step from being captured as a CUDA graph (herd.infer.slot_batch)
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
             0, flat_e, torch.ones_like(flat_e))  # (E,)
         scaled = x[token] * weights.reshape(-1)[order, None]  # (N*k, D) expert INPUT scaled by its weight

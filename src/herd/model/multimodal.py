@@ -1,9 +1,9 @@
 """Native multimodality by early fusion: vision tokens enter the decoder's embedding stream before layer 0.
 
-Llama 4 (model card; spec section 3.6) encodes every image tile with the vision tower, projects each vision token
-to the text width, and writes the projected vectors, in order, into the positions of the `<|patch|>` placeholder
-token. From there on the decoder treats them like any token: same causal / chunked masks, ordinary 1-D positions.
-Text-only inputs never touch the vision tower.
+Llama 4 (the model card; transformers' `Llama4ForConditionalGeneration`) encodes every image tile with the vision
+tower, projects each vision token to the text width, and writes the projected vectors, in order, into the positions
+of the `<|patch|>` placeholder token. From there on the decoder treats them like any token: same causal / chunked
+masks, ordinary 1-D positions. Text-only inputs never touch the vision tower.
 
 Names follow `Llama4ForConditionalGeneration` checkpoints: `vision_model.*`, `multi_modal_projector.linear_1`,
 `language_model.*` (a complete `Llama4ForCausalLM`).
@@ -38,6 +38,23 @@ class Llama4ForConditionalGeneration(nn.Module):
         self.vision_model = VisionModel(cfg.vision_config)
         self.multi_modal_projector = MultiModalProjector(cfg)
         self.language_model = Llama4ForCausalLM(cfg.text_config)
+
+    # ---- what this model is (the same surface as Llama4ForCausalLM) ------------------------------------------------
+    @property
+    def text_config(self):
+        return self.config.text_config
+
+    @property
+    def vision_config(self):
+        return self.config.vision_config
+
+    @property
+    def decoder(self) -> Llama4ForCausalLM:
+        return self.language_model
+
+    @property
+    def image_token_index(self) -> int:
+        return self.config.image_token_index
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected vision tokens for every tile, flattened in tile order: (N * K, D)."""
@@ -85,12 +102,6 @@ class Llama4ForConditionalGeneration(nn.Module):
                 std = v.hidden_size ** -0.5 if "embedding_vlm" in name or "class_embedding" in name \
                     else v.initializer_range
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
-        """Write the Hugging Face `Llama4ForConditionalGeneration` format (see herd.checkpoint)."""
-        from herd.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     @property
     def device(self) -> torch.device:

@@ -13,10 +13,12 @@ fixed-shape twin for single-token decode steps (what vLLM and gpt-fast also do f
   Memory is the two-tier cost of herd.model.cache: chunked layers stop growing at C slots per row;
 - `slot_pos` (rows, C) records which position each ring slot holds (-1: none), so the chunked mask is a comparison
   of tensors. Every chunked layer writes the same positions, so one table serves them all.
-A decode step calls `begin(pos)` with each row's position (long (b,), the first b rows take part), which writes
-`slot_pos` and returns the two attend-masks; then every attention layer calls `update(i, k, v)` (herd.model.
-attention.Attention does) and gets the full (b, G, slots, D) buffers to attend over. Nothing in a step reads a value
-back to the host or allocates a shape that depends on data, so the step can be captured as a CUDA graph.
+A decode step is a model call with this cache (`model(ids, position_ids=pos, cache=slot_cache)`, ids and pos (b, 1):
+the first b rows take part, each at its own position); the model asks `step(...)`, which writes `slot_pos` and
+returns the positions and the two attend-masks (herd.model.layout.Step); then every attention layer calls
+`update(i, k, v)` (herd.model.attention.Attention does) and gets the full (b, G, slots, D) buffers to attend over.
+Nothing in a step reads a value back to the host or allocates a shape that depends on data, so the step can be
+captured as a CUDA graph.
 The price of fixed shapes: the global layers hold rows x capacity positions, so the longest request sets every row's
 capacity (a paged cache, as in vLLM, would not), and their attention spans the whole capacity, masked.
 Rows that take part in a step without a request (a capture size larger than the live rows) pass position 0 and
@@ -28,6 +30,8 @@ Shapes: b rows in this step, G kv heads, D head_dim, C chunk size, S stored posi
 from __future__ import annotations
 
 import torch
+
+from herd.model.layout import Step
 
 
 class SlotCache:
@@ -41,6 +45,18 @@ class SlotCache:
         self.slot_pos = torch.full((rows, self.chunk), -1, dtype=torch.long, device=device)  # (rows, C)
         self._rows = torch.arange(rows, device=device)
         self._slots: dict[bool, torch.Tensor] = {}  # this step's write slot per row, per layer kind
+
+    def step(self, B: int, T: int, device: torch.device, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None, temperature_positions: torch.Tensor | None = None) -> Step:
+        """One new token for each of rows 0 .. B - 1 at its position_ids (B, 1): every row's position is real (no
+        padding), so RoPE and the attention temperature both take it."""
+        if T != 1 or position_ids is None or attention_mask is not None:
+            raise ValueError("a SlotCache step takes one new token per row and its position_ids (rows, 1); rows are "
+                             "never padded, so no attention_mask")
+        return Step(position_ids, position_ids, self.begin(position_ids.reshape(B)))
+
+    def advance(self, T: int) -> None:
+        """Nothing to do: every row's position is given with each step."""
 
     def begin(self, pos: torch.Tensor) -> dict[bool, torch.Tensor]:
         """Start a decode step in which row r (r < b = len(pos)) writes position pos[r]; return the attend-masks

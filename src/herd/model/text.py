@@ -1,12 +1,18 @@
 """The Llama 4 text decoder: embeddings, N pre-norm blocks (attention + dense MLP or MoE), final norm, LM head.
 
 Module names mirror the Hugging Face checkpoint (`model.layers.{i}.self_attn.q_proj`, `...feed_forward.experts.
-gate_up_proj`, `lm_head`), so a checkpoint loads by name with no translation table (herd.checkpoint strips the
+gate_up_proj`, `lm_head`), so a checkpoint loads by name with no translation table (herd.formats.hf strips the
 `language_model.` prefix of multimodal files and nothing else).
 
 Calling the model follows the transformers convention: `model(input_ids, attention_mask=None)` returns logits
-(B, T, V). With `cache=` it continues from the cache's positions (see herd.model.cache), and with
-`return_router_logits=True` it also returns each MoE layer's (N, E) router logits for load-balancing losses.
+(B, T, V). With `return_router_logits=True` it also returns each MoE layer's (N, E) router logits for
+load-balancing losses. There is one decoder loop, `decode`; the batch layout decides positions and masks
+(herd.model.layout): a cache object (`cache=`: herd.model.cache.KVCache for left-padded batches,
+herd.model.slot_cache.SlotCache for fixed-shape decode steps) continues from what it holds, `doc_ids` marks packed
+training documents, and without either the rows are plain (optionally left-padded) sequences.
+
+Both model classes say what they are with the same small surface: `text_config`, `vision_config` (None for a text
+model), `decoder` (the Llama4ForCausalLM that runs the tokens) and `image_token_index` (None without images).
 
 NOTE: models are often built on the meta device (`build_model(cfg, device="meta")`), which allocates nothing; call
 `materialize(model, device)` or load a checkpoint before running it. Parameters on meta have no values.
@@ -20,7 +26,8 @@ import torch
 from torch import nn
 
 from herd.config import TextConfig
-from herd.model.attention import Attention, build_doc_mask, build_mask, doc_positions, rope_inv_freq, rope_phases
+from herd.model.attention import Attention, rope_inv_freq, rope_phases
+from herd.model.layout import Step, packed_step, sequence_step
 from herd.model.moe import MLP, MoE
 
 
@@ -74,18 +81,62 @@ class Llama4ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Computed once on CPU in float32 and kept out of the state dict (the checkpoint has no rotary buffers).
+        # float32, outside the state dict (the checkpoint has no rotary buffers); `_apply` moves it with the model
+        # but never casts it, so a bfloat16 model still rotates by float32 frequencies as the reference does
         self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._inv_freq = self._inv_freq.to(fn(self._inv_freq[:0]).device)
+        return self
+
+    # ---- what this model is (the same surface as Llama4ForConditionalGeneration) -------------------------------
+    @property
+    def text_config(self) -> TextConfig:
+        return self.config
+
+    @property
+    def vision_config(self) -> None:
+        return None
+
+    @property
+    def decoder(self) -> Llama4ForCausalLM:
+        return self
+
+    @property
+    def image_token_index(self) -> None:
+        return None
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache=None, return_router_logits: bool = False, logits_to_keep: int = 0,
                 inputs_embeds: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 temperature_positions: torch.Tensor | None = None):
+        """Logits (B, T, V) for input_ids (B, T) (or their embeddings, `inputs_embeds` (B, T, D)).
+
+        `cache`: continue from what a cache holds (its `step` makes positions and masks); `doc_ids` (B, T): packed
+        training rows; `attention_mask` (B, past + T): left padding; `position_ids` (B or 1, T) and
+        `temperature_positions`: see herd.model.layout.sequence_step. `logits_to_keep` > 0 computes only the last
+        ones (generation needs one).
+        """
         if pixel_values is not None:
             raise ValueError("this is a text-only Llama4ForCausalLM: it has no vision tower for pixel_values")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        h, router_logits = self.decode(x, attention_mask, position_ids, cache, doc_ids, temperature_positions)
+        B, T, _ = x.shape
+        chunk = self.config.attention_chunk_size
+        if cache is not None:
+            if doc_ids is not None:
+                raise ValueError("doc_ids (packed training rows) cannot continue from a cache")
+            step = cache.step(B, T, x.device, attention_mask, position_ids, temperature_positions)
+        elif doc_ids is not None:
+            if doc_ids.shape != (B, T):
+                raise ValueError(f"doc_ids must be (batch, seq) = {(B, T)}, got {tuple(doc_ids.shape)}")
+            if attention_mask is not None:
+                raise ValueError("packed rows (doc_ids) take no attention_mask: documents are kept apart by doc_ids")
+            step = packed_step(doc_ids.to(x.device), chunk, position_ids)
+        else:
+            step = sequence_step(B, T, x.device, chunk, attention_mask, position_ids, temperature_positions)
+        h, router_logits = self.decode(x, step, cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)  # (B, T, V)
@@ -100,56 +151,17 @@ class Llama4ForCausalLM(nn.Module):
             raise ValueError(f"token id {bad} is outside the vocabulary (size {V})")
         return self.model.embed_tokens(input_ids)
 
-    def decode(self, x, attention_mask=None, position_ids=None, cache=None, doc_ids=None, temperature_positions=None):
-        """Run the decoder stack on embeddings x (B, T, D); returns (normed hidden states, router logits).
-
-        `doc_ids` (B, T) marks packed documents (training): attention never crosses a document boundary, and
-        positions, chunks and temperature restart at each document, as if every document ran alone.
-        `temperature_positions` (B, T): where each token sits in its own sequence, for the NoPE layers' attention
-        temperature. By default it is the cache position, padding included (transformers' convention, which the
-        parity tests follow); a batching engine passes real positions so a left-padded row computes what it
-        computes alone (RoPE and the chunk rule already follow each row's own start).
-        """
-        cfg = self.config
-        B, T, _ = x.shape
-        if doc_ids is not None:
-            return self._decode_packed(x, doc_ids.to(x.device), position_ids)
-        seen = cache.seen if cache is not None else 0
-        q_pos = torch.arange(seen, seen + T, device=x.device)  # absolute cache positions (padding included)
-        if attention_mask is not None:
-            if attention_mask.shape != (B, seen + T):
-                raise ValueError(f"attention_mask must be (batch, past + new) = {(B, seen + T)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            attention_mask = attention_mask.to(x.device).bool()
-        if position_ids is None:
-            position_ids = q_pos[None]  # (1, T), the transformers default when none are given
-        phases = rope_phases(position_ids.to(x.device), self._inv_freq)  # (B or 1, T, D/2)
-        masks = {}
-        for chunked in (False, True):
-            start = max(0, seen - cache.window(chunked)) if cache is not None else 0
-            k_pos = torch.arange(start, seen + T, device=x.device)
-            masks[chunked] = build_mask(q_pos, k_pos, attention_mask, cfg.attention_chunk_size if chunked else None)
-        t_pos = q_pos if temperature_positions is None else temperature_positions.to(x.device)
+    def decode(self, x: torch.Tensor, step: Step, cache=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The decoder stack on embeddings x (B, T, D) laid out as `step` says; every layer stores its keys in
+        `cache` when there is one. Returns (normed hidden states, each MoE layer's router logits)."""
+        phases = rope_phases(step.positions, self._inv_freq)  # (B or 1, T, D/2)
         router_logits = []
         for layer in self.model.layers:
-            x, logits = layer(x, phases, t_pos, masks[layer.chunked], cache)
+            x, logits = layer(x, phases, step.temperature_positions, step.masks[layer.chunked], cache)
             if logits is not None:
                 router_logits.append(logits)
         if cache is not None:
-            cache.advance(T)
-        return self.model.norm(x), router_logits
-
-    def _decode_packed(self, x, doc_ids, position_ids=None):
-        if doc_ids.shape != x.shape[:2]:
-            raise ValueError(f"doc_ids must be (batch, seq) = {tuple(x.shape[:2])}, got {tuple(doc_ids.shape)}")
-        pos = doc_positions(doc_ids)  # (B, T)
-        phases = rope_phases(pos if position_ids is None else position_ids.to(x.device), self._inv_freq)
-        masks = {False: build_doc_mask(doc_ids, None), True: build_doc_mask(doc_ids, self.config.attention_chunk_size)}
-        router_logits = []
-        for layer in self.model.layers:
-            x, logits = layer(x, phases, pos, masks[layer.chunked])
-            if logits is not None:
-                router_logits.append(logits)
+            cache.advance(x.shape[1])
         return self.model.norm(x), router_logits
 
     # ---- construction helpers ------------------------------------------------------------------------------------
@@ -163,13 +175,6 @@ class Llama4ForCausalLM(nn.Module):
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
-
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
-        """Write the Hugging Face format (config.json + safetensors). Lives in herd.checkpoint; imported lazily so
-        the model package itself depends on torch alone."""
-        from herd.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     @property
     def device(self) -> torch.device:

@@ -1,6 +1,7 @@
 """The Llama 4 vision tower: a MetaCLIP-style ViT per image tile, pixel shuffle, and a two-layer adapter.
 
-Each tile (and the global thumbnail) is encoded independently (spec sections 3.2-3.4):
+Each tile (and the global thumbnail) is encoded independently (transformers' `Llama4VisionModel`, `pixel_shuffle`
+and `Llama4VisionPixelShuffleMLP`; meta-llama/llama-models models/llama4/vision/encoder.py and embedding.py):
 1. patchify with a stride-`patch` unfold (feature order channel, ky, kx) and a bias-free linear embedding;
 2. append a learned class token LAST, add learned positional embeddings, LayerNorm;
 3. pre-norm encoder layers with bidirectional attention inside the tile, 2-D RoPE on q and k (x and y patch
@@ -50,7 +51,7 @@ def apply_vision_rope(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
 def pixel_shuffle(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """(N, P, C) on a square grid -> (N, P * ratio^2, C / ratio^2); a 2x2 block's channels concatenated dh-major.
 
-    The two view/permute steps reproduce the reference's channel order exactly (spec section 3.4).
+    The two view/permute steps reproduce the reference's channel order exactly (transformers' `pixel_shuffle`).
     """
     N, P, C = x.shape
     g = round(P ** 0.5)

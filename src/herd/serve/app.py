@@ -1,37 +1,181 @@
 """The OpenAI-compatible HTTP API over the engine (FastAPI): /v1/models, /v1/chat/completions, /v1/completions,
 /health, /metrics.
 
-Request and response shapes follow OpenAI's API (spec: serving-and-safety.md): SSE streaming ending in `data:
-[DONE]`, `stream_options.include_usage`, usage counts, finish_reason stop / length / tool_calls, `max_tokens` and
-`max_completion_tokens` as aliases, `n`, `seed`, `stop`, `logprobs` / `top_logprobs` (the completions API:
-`logprobs` N and its legacy columns), `logit_bias`, a batch of prompts in one /v1/completions request (n choices
-each, in order), tools (parsed from the output by herd.tools), images as `image_url` parts (data: URLs; file paths
-only inside the operator's `media_dir`), and vLLM's extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
-`stop_token_ids` (the openai client sends them through `extra_body`). Errors use OpenAI's shape {"error":
-{"message", "type", "param", "code"}} with the matching status, and a bad request never takes the server down. A
-`response_format` other than text, and tool_choice "required", need constrained decoding, which herd does not do:
-they get 400 rather than being silently ignored. A client that disconnects mid-stream cancels its requests. A
-generation that fails inside the engine answers 500 (type "server_error"; in a stream, an error event before `data:
-[DONE]`) and the server goes on. A request cancelled by a graceful shutdown ends with finish_reason "cancelled".
+Request and response shapes follow OpenAI's API reference (platform.openai.com/docs/api-reference): SSE streaming
+ending in `data: [DONE]`, `stream_options.include_usage`, usage counts, finish_reason stop / length / tool_calls,
+`max_tokens` and `max_completion_tokens` as aliases, `n`, `seed`, `stop`, `logprobs` / `top_logprobs` (the
+completions API: `logprobs` N and its legacy columns), `logit_bias`, a batch of prompts in one /v1/completions
+request (n choices each, in order), tools (parsed from the output by herd.tools), images as `image_url` parts (data:
+URLs; file paths only inside the operator's `media_dir`), and vLLM's extras `top_k`, `min_p`, `repetition_penalty`,
+`ignore_eos`, `stop_token_ids` (the openai client sends them through `extra_body`). Errors use OpenAI's shape
+{"error": {"message", "type", "param", "code"}} with the matching status, and a bad request never takes the server
+down. A `response_format` other than text, and tool_choice "required", need constrained decoding, which herd does
+not do: they get 400 rather than being silently ignored. A client that disconnects mid-stream cancels its requests.
+A generation that fails inside the engine answers 500 (type "server_error"; in a stream, an error event before
+`data: [DONE]`) and the server goes on. A request cancelled by a graceful shutdown ends with finish_reason
+"cancelled".
+
+The routes are module-level functions on an APIRouter. Each finds the Service (herd.serve.service: the checks, the
+limits, the engine worker, the metrics) at `request.app.state.service` and calls only its public methods; this module
+keeps to HTTP: bodies, OpenAI's response and chunk shapes, SSE. `create_app(service)` puts the two together.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-from herd.serve.service import APIError, Service, sampling_params
+from herd.serve.service import APIError, Service
 from herd.tools import ToolCallStreamParser, finish_reason, parse_tool_calls
 
 DRAIN_BYTES = 64 * 2**20  # how much of an oversized body is read and dropped so that its sender sees the 413
+PAGE = Path(__file__).parent / "static" / "index.html"
+
+router = APIRouter()
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="herd", docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.state.page = PAGE.read_text()
+    app.add_exception_handler(APIError, _api_error)
+    app.include_router(router)
+    return app
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    _service(request).metrics.count_error()
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+# ---- routes ----------------------------------------------------------------------------------------------------------
+@router.get("/")
+async def index(request: Request):
+    return HTMLResponse(request.app.state.page)  # the web chat (static HTML + JS over this API)
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return PlainTextResponse(_service(request).metrics_text())
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    svc = _service(request)
+    svc.authorize(request.headers)
+    return {"object": "list", "data": [svc.model_card()]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    return await _complete(request, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    return await _complete(request, chat=False)
+
+
+# ---- request body ----------------------------------------------------------------------------------------------------
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, read in chunks and kept only up to `limit` bytes (a chunked upload declares no length). An
+    oversized body is still read on and discarded, up to DRAIN_BYTES more: answering 413 while the client is still
+    sending would close the connection under it, and it would see a reset instead of the 413."""
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        raise APIError(400, "the Content-Length header is not a number") from None
+    chunks, seen, too_big = [], 0, declared > limit
+    async for chunk in request.stream():
+        seen += len(chunk)
+        too_big = too_big or seen > limit
+        if not too_big:
+            chunks.append(chunk)
+        elif seen > limit + DRAIN_BYTES:
+            break
+    if too_big:
+        raise APIError(413, f"the request is larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+async def _body(request: Request, svc: Service) -> dict:
+    svc.authorize(request.headers)
+    raw = await _read_limited(request, svc.config.max_request_bytes)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+# ---- one completion request: its choices in the engine ---------------------------------------------------------------
+@dataclass
+class Job:
+    """A request's choices in the engine and what its response needs."""
+
+    subs: list  # (engine request, queue) per choice; choice j belongs to prompt j // n
+    head: dict  # id, object, created, model: the start of every response and chunk
+    chat: bool
+    tools: list | None  # the tools the prompt shows (chat), whose calls are parsed from the output
+    echoes: list[str] | None  # per choice: the completions API's echoed prompt text
+    n_prompt: int  # prompt tokens, all prompts together
+    t0: float  # perf_counter at submission, for the latency metric
+
+
+async def _complete(request: Request, chat: bool):
+    svc = _service(request)
+    body = await _body(request, svc)
+    job = _start(svc, body, chat)
+    if body.get("stream"):
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_stream(svc, request, job, usage), media_type="text/event-stream")
+    return await _respond(svc, request, job)
+
+
+def _start(svc: Service, body: dict, chat: bool) -> Job:
+    """Check the body (every APIError before anything reaches the engine) and submit its choices."""
+    svc.check_model(body)
+    params, n, explicit = svc.sampling(body, chat)
+    if chat:
+        ids, pixels, tools = svc.chat_prompt(body)
+        prompts = [ids]
+    else:
+        prompts, pixels, tools = svc.completion_prompts(body), None, None
+    echoes = None if chat else svc.echoes(body)  # per prompt
+    per_prompt = [svc.check_length(ids, params, explicit) for ids in prompts]
+    t0 = time.perf_counter()
+    subs = svc.start(prompts, per_prompt, n, pixels)
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": svc.name}
+    return Job(subs, head, chat, tools, [echoes[j // n] for j in range(len(subs))] if echoes else None,
+               sum(len(ids) for ids in prompts), t0)
+
+
+def _usage(svc: Service, job: Job) -> dict:
+    """The finished job's usage, counted in the metrics."""
+    done = sum(len(r.output_ids) for r, _ in job.subs)
+    svc.metrics.record(job.n_prompt, done, time.perf_counter() - job.t0)
+    return {"prompt_tokens": job.n_prompt, "completion_tokens": done, "total_tokens": job.n_prompt + done}
 
 
 def _logprobs(tok, req, start: int, end: int, chat: bool, offset: int = 0) -> dict:
@@ -48,8 +192,9 @@ def _logprobs(tok, req, start: int, end: int, chat: bool, offset: int = 0) -> di
             "top_logprobs": [{tok.decode([t]): v for t, v in lp["top"]} for lp in items], "text_offset": offsets}
 
 
+# ---- the whole answer at once ----------------------------------------------------------------------------------------
 async def _collect(req, queue, is_disconnected=None):
-    """Wait for a request to finish (cancelling it if the client leaves)."""
+    """Wait for a request to finish; False if the client left first."""
     while not req.finished:
         try:
             await asyncio.wait_for(queue.get(), timeout=0.25)
@@ -59,218 +204,125 @@ async def _collect(req, queue, is_disconnected=None):
     return True
 
 
-def create_app(service: Service) -> FastAPI:
-    app = FastAPI(title="herd", docs_url=None, redoc_url=None)
-    svc = service
+async def _respond(svc: Service, request: Request, job: Job):
+    """The non-streamed response: every choice once all have finished (499 and cancelled if the client leaves)."""
+    for req, queue in job.subs:
+        if not await _collect(req, queue, request.is_disconnected):
+            svc.cancel_all(job.subs)
+            return JSONResponse({}, status_code=499)
+    failed = next((r for r, _ in job.subs if r.finish_reason == "error"), None)
+    if failed is not None:
+        raise APIError(500, failed.error, code="engine_error", kind="server_error")
+    choices = [_choice(svc, job, i, req) for i, (req, _) in enumerate(job.subs)]
+    return {**job.head, "choices": choices, "usage": _usage(svc, job)}
 
-    @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        svc.metrics.errors += 1
-        return JSONResponse(e.body(), status_code=e.status)
 
-    def authorize(request: Request) -> None:
-        if svc.api_key is not None and request.headers.get("authorization") != f"Bearer {svc.api_key}":
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
-                           kind="authentication_error")
+def _choice(svc: Service, job: Job, i: int, req) -> dict:
+    """Choice i of a finished job: a chat message (with the tool calls parsed from its text) or a completion."""
+    lp = _logprobs(svc.tokenizer, req, 0, len(req.logprobs), job.chat) if req.params.logprobs else None
+    if not job.chat:
+        text = (job.echoes[i] if job.echoes else "") + req.text
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": req.finish_reason}
+    parsed = parse_tool_calls(req.text, job.tools) if job.tools else None
+    msg = {"role": "assistant", "content": parsed.content if parsed else req.text}
+    if parsed and parsed.tool_calls:
+        msg["tool_calls"] = parsed.tool_calls
+    reason = finish_reason(parsed, req.finish_reason) if parsed else req.finish_reason
+    return {"index": i, "message": msg, "logprobs": lp, "finish_reason": reason}
 
-    async def read_limited(request: Request) -> bytes:
-        """The body, read in chunks and kept only up to the size limit (a chunked upload declares no length). An
-        oversized body is still read on and discarded, up to DRAIN_BYTES more: answering 413 while the client is
-        still sending would close the connection under it, and it would see a reset instead of the 413."""
-        limit = svc.max_request_bytes
+
+# ---- streaming (SSE) -------------------------------------------------------------------------------------------------
+class _StreamedChoice:
+    """One choice of a stream: how much of its text and logprobs went out, and its tool-call parser."""
+
+    def __init__(self, i: int, req, queue, tools: list | None):
+        self.i, self.req, self.queue = i, req, queue
+        self.parser = ToolCallStreamParser(tools) if tools else None
+        self.fed = 0  # characters of the request's text passed on so far
+        self.sent = 0  # logprobs sent
+        self.offset = 0  # characters of the tokens whose logprobs were sent (the completions API's text_offset)
+
+    async def next_delta(self, request: Request) -> tuple[str, bool] | None:
+        """(text delta, finished) when there is news within a short wait, else None."""
         try:
-            declared = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            raise APIError(400, "the Content-Length header is not a number") from None
-        chunks, seen, too_big = [], 0, declared > limit
-        async for chunk in request.stream():
-            seen += len(chunk)
-            too_big = too_big or seen > limit
-            if not too_big:
-                chunks.append(chunk)
-            elif seen > limit + DRAIN_BYTES:
-                break
-        if too_big:
-            raise APIError(413, f"the request is larger than {limit} bytes")
-        return b"".join(chunks)
+            return await asyncio.wait_for(self.queue.get(), timeout=0.05)
+        except TimeoutError:
+            if await request.is_disconnected():
+                raise asyncio.CancelledError from None
+            if not self.req.finished:
+                return None
+            # The engine thread sets finish_reason before its last deltas reach the queue: take the rest from the
+            # request's final text, or it would be lost.
+            return self.req.text[self.fed:], True
 
-    async def body_of(request: Request) -> dict:
-        authorize(request)
-        raw = await read_limited(request)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        return body
+    def piece(self, tok, delta: str, finished: bool, chat: bool) -> tuple[dict | None, list]:
+        """The chunk choice for a delta (None when there is nothing to send), and the tool calls parsed at the end."""
+        req = self.req
+        self.fed += len(delta)
+        lp = None
+        if req.params.logprobs:
+            lp = _logprobs(tok, req, self.sent, len(req.logprobs), chat, self.offset)
+            self.offset += 0 if chat else sum(len(t) for t in lp["tokens"])
+        self.sent = len(req.logprobs)
+        calls = []
+        if self.parser is not None:
+            delta = self.parser.feed(delta).content
+            if finished:
+                end = self.parser.finish()
+                delta, calls = delta + end.content, end.tool_calls
+        if not (delta or lp or calls):
+            return None, calls
+        d = {"content": delta} if chat else None
+        if calls:  # OpenAI sends content null beside tool-call deltas
+            d = {"content": delta or None, "tool_calls": calls}
+        choice = {"index": self.i, "delta": d} if chat else {"index": self.i, "text": delta}
+        return {**choice, "logprobs": lp, "finish_reason": None}, calls
 
-    page = (Path(__file__).parent / "static" / "index.html").read_text()
 
-    @app.get("/")
-    async def index():
-        return HTMLResponse(page)  # the web chat (static HTML + JS over this API)
+async def _stream(svc: Service, request: Request, job: Job, include_usage: bool):
+    """The job as server-sent events: a first chunk (the role, or the echoed prompts), each choice's deltas as they
+    come, a last chunk per choice with its finish_reason, usage if asked, `data: [DONE]`. An engine failure ends the
+    stream with an error event; a client that leaves cancels every choice."""
+    kind = "chat.completion.chunk" if job.chat else "text_completion"
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
+    def event(choices, **extra) -> str:
+        return f"data: {json.dumps({**job.head, 'object': kind, 'choices': choices, **extra})}\n\n"
 
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(svc.metrics.text(svc.worker))
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
-                                            "owned_by": "herd", "max_model_len": svc.cfg.max_position_embeddings}]}
-
-    async def run(request: Request, body: dict, chat: bool):
-        svc._check_model(body)
-        params, n, explicit = sampling_params(body, svc.defaults, svc.cfg.max_position_embeddings, chat)
-        if chat:
-            ids, pixels, tools = svc.chat_prompt(body)
-            prompts = [ids]
-        else:
-            prompts, pixels, tools = svc.completion_prompts(body), None, None
-        echoes = None if chat else svc.echoes(body)  # per prompt; choice j belongs to prompt j // n
-        per_prompt = [svc.check_length(ids, params, explicit) for ids in prompts]
-        in_flight = svc.worker.queue_length + svc.worker.running  # unfinished generations in the engine
-        if in_flight + n * len(prompts) > svc.max_concurrent:
-            raise APIError(429, f"the server is busy: {in_flight} generations in flight (at most "
-                                f"{svc.max_concurrent}); retry later", kind="rate_limit_error")
-        svc.metrics.requests += 1
-        t0 = time.perf_counter()
-        subs = []
-        try:
-            for ids, p in zip(prompts, per_prompt, strict=True):
-                # choice i of a seeded request draws with seed + i (vLLM's rule): n different, reproducible answers
-                subs += [svc.worker.submit(ids, p if p.seed is None else dataclasses.replace(p, seed=p.seed + i),
-                                           pixels) for i in range(n)]
-        except ValueError as e:  # the engine's own checks (empty prompt, context, images on a text model)
-            for r, _ in subs:
-                svc.worker.cancel(r)
-            raise APIError(400, str(e)) from None
-        n_prompt = sum(len(ids) for ids in prompts)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": svc.name}
-        if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            heads = [echoes[j // n] for j in range(len(subs))] if echoes else None
-            return StreamingResponse(_stream(request, subs, head, chat, tools, usage, n_prompt, t0, heads),
-                                     media_type="text/event-stream")
-        for req, queue in subs:
-            if not await _collect(req, queue, request.is_disconnected):
-                for r, _ in subs:
-                    svc.worker.cancel(r)
-                return JSONResponse({}, status_code=499)
-        failed = next((r for r, _ in subs if r.finish_reason == "error"), None)
-        if failed is not None:
-            raise APIError(500, failed.error, code="engine_error", kind="server_error")
-        choices = []
-        for i, (req, _) in enumerate(subs):
-            lp = _logprobs(svc.tok, req, 0, len(req.logprobs), chat) if req.params.logprobs else None
-            if chat:
-                parsed = parse_tool_calls(req.text, tools) if tools else None
-                msg = {"role": "assistant", "content": parsed.content if parsed else req.text}
-                if parsed and parsed.tool_calls:
-                    msg["tool_calls"] = parsed.tool_calls
-                reason = finish_reason(parsed, req.finish_reason) if parsed else req.finish_reason
-                choices.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": reason})
-            else:
-                text = (echoes[i // n] if echoes else "") + req.text
-                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": req.finish_reason})
-        done = sum(len(r.output_ids) for r, _ in subs)
-        svc.metrics.prompt_tokens += n_prompt
-        svc.metrics.completion_tokens += done
-        svc.metrics.latencies.append(time.perf_counter() - t0)
-        return {**head, "choices": choices,
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done}}
-
-    async def _stream(request, subs, head, chat, tools, include_usage, n_prompt, t0, echoes=None):
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(choices, **extra) -> str:
-            return f"data: {json.dumps({**head, 'object': kind, 'choices': choices, **extra})}\n\n"
-
-        parsers = [ToolCallStreamParser(tools) if tools else None for _ in subs]
-        sent = [0] * len(subs)
-        fed = [0] * len(subs)  # characters of each request's text passed on so far
-        offs = [0] * len(subs)  # characters of the tokens whose logprobs were sent (the completions API's offsets)
-        if chat:
-            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                         for i in range(len(subs))])
-        elif echoes:
-            yield event([{"index": i, "text": e, "logprobs": None, "finish_reason": None}
-                         for i, e in enumerate(echoes)])
-        try:
-            live = set(range(len(subs)))
-            while live:
-                for i in sorted(live):
-                    req, queue = subs[i]
-                    try:
-                        delta, finished = await asyncio.wait_for(queue.get(), timeout=0.05)
-                    except TimeoutError:
-                        if await request.is_disconnected():
-                            raise asyncio.CancelledError from None
-                        finished = req.finished
-                        if not finished:
-                            continue
-                        # The engine thread sets finish_reason before its last deltas reach the queue: take the rest
-                        # from the request's final text, or it would be lost.
-                        delta = req.text[fed[i]:]
-                    fed[i] += len(delta)
-                    lp = None
-                    if req.params.logprobs:
-                        lp = _logprobs(svc.tok, req, sent[i], len(req.logprobs), chat, offs[i])
-                        offs[i] += 0 if chat else sum(len(t) for t in lp["tokens"])
-                    sent[i] = len(req.logprobs)
-                    calls = []
-                    if parsers[i] is not None:
-                        out = parsers[i].feed(delta)
-                        delta = out.content
-                        if finished:
-                            end = parsers[i].finish()
-                            delta, calls = delta + end.content, end.tool_calls
-                    if delta or lp or calls:
-                        d = {"content": delta} if chat else None
-                        if calls:  # OpenAI sends content null beside tool-call deltas
-                            d = {"content": delta or None, "tool_calls": calls}
-                        choice = {"index": i, "delta": d} if chat else {"index": i, "text": delta}
-                        yield event([{**choice, "logprobs": lp, "finish_reason": None}])
-                    if finished and req.finish_reason == "error":  # OpenAI's clients raise on an error event
-                        svc.metrics.errors += 1
-                        for r, _ in subs:
-                            svc.worker.cancel(r)
-                        err = APIError(500, req.error, code="engine_error", kind="server_error")
-                        yield f"data: {json.dumps(err.body())}\n\n"
-                        yield "data: [DONE]\n\n"
-                        return
-                    if finished and req.finished:
-                        reason = "tool_calls" if calls else req.finish_reason
-                        empty = {"index": i, "delta": {}} if chat else {"index": i, "text": ""}
-                        yield event([{**empty, "logprobs": None, "finish_reason": reason}])
-                        live.discard(i)
-        except (asyncio.CancelledError, GeneratorExit):
-            for req, _ in subs:
-                svc.worker.cancel(req)  # the client left: free the rows now
-            raise
-        done = sum(len(r.output_ids) for r, _ in subs)
-        svc.metrics.prompt_tokens += n_prompt
-        svc.metrics.completion_tokens += done
-        svc.metrics.latencies.append(time.perf_counter() - t0)
-        if include_usage:
-            yield event([], usage={"prompt_tokens": n_prompt, "completion_tokens": done,
-                                   "total_tokens": n_prompt + done})
-        yield "data: [DONE]\n\n"
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await run(request, await body_of(request), chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await run(request, await body_of(request), chat=False)
-
-    return app
+    streams = [_StreamedChoice(i, req, queue, job.tools) for i, (req, queue) in enumerate(job.subs)]
+    if job.chat:
+        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(len(streams))])
+    elif job.echoes:
+        yield event([{"index": i, "text": e, "logprobs": None, "finish_reason": None}
+                     for i, e in enumerate(job.echoes)])
+    try:
+        live = set(range(len(streams)))
+        while live:
+            for i in sorted(live):
+                s = streams[i]
+                news = await s.next_delta(request)
+                if news is None:
+                    continue
+                finished = news[1]
+                choice, calls = s.piece(svc.tokenizer, *news, job.chat)
+                if choice is not None:
+                    yield event([choice])
+                if finished and s.req.finish_reason == "error":  # OpenAI's clients raise on an error event
+                    svc.metrics.count_error()
+                    svc.cancel_all(job.subs)
+                    err = APIError(500, s.req.error, code="engine_error", kind="server_error")
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if finished and s.req.finished:
+                    empty = {"index": i, "delta": {}} if job.chat else {"index": i, "text": ""}
+                    reason = "tool_calls" if calls else s.req.finish_reason
+                    yield event([{**empty, "logprobs": None, "finish_reason": reason}])
+                    live.discard(i)
+    except (asyncio.CancelledError, GeneratorExit):
+        svc.cancel_all(job.subs)  # the client left: free the rows now
+        raise
+    usage = _usage(svc, job)
+    if include_usage:
+        yield event([], usage=usage)
+    yield "data: [DONE]\n\n"

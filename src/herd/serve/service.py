@@ -1,10 +1,12 @@
-"""What a request needs besides HTTP: the Service (model name and limits, tokenizer, engine worker, metrics) and the
-way an OpenAI request body becomes engine inputs: sampling parameters, prompt token ids, images, tools.
+"""What a request needs besides HTTP: the Service (the ServeConfig's limits, model name, tokenizer, engine worker,
+metrics) and the way an OpenAI request body becomes engine inputs: sampling parameters, prompt token ids, images,
+tools.
 
 Every check here raises APIError with OpenAI's error shape and the matching status before anything reaches the
 engine: invalid sampling values, unknown model, prompts longer than the context, too many or too large images, local
-image paths outside the operator's media folder, tool_choice values herd cannot honour. herd.serve.app turns the
-results into engine requests and HTTP responses.
+image paths outside the operator's media folder, tool_choice values herd cannot honour, a missing API key, more
+generations in flight than the server takes. herd.serve.app calls only the Service's public methods (the routes
+never reach the worker) and turns the results into HTTP responses.
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from herd.infer.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from herd.serve.serve_config import ServeConfig
 
 MAX_N = 8
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
@@ -35,11 +42,25 @@ class APIError(Exception):
 
 
 class Metrics:
+    """The counters and the latency summary that /metrics shows (Prometheus' text format)."""
+
     def __init__(self):
         self.requests, self.errors, self.prompt_tokens, self.completion_tokens = 0, 0, 0, 0
         self.latencies: deque[float] = deque(maxlen=1000)  # the quantiles are over the latest 1000 requests
 
-    def text(self, worker) -> str:
+    def count_request(self) -> None:
+        self.requests += 1
+
+    def count_error(self) -> None:
+        self.errors += 1
+
+    def record(self, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+        """A request that ran to its end: its token counts and latency."""
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.latencies.append(seconds)
+
+    def text(self, queue_length: int, running: int) -> str:
         lat = sorted(self.latencies)
         q = {p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else 0.0 for p in (0.5, 0.9, 0.99)}
         lines = ["# TYPE herd_requests_total counter", f"herd_requests_total {self.requests}",
@@ -47,8 +68,8 @@ class Metrics:
                  "# TYPE herd_prompt_tokens_total counter", f"herd_prompt_tokens_total {self.prompt_tokens}",
                  "# TYPE herd_completion_tokens_total counter",
                  f"herd_completion_tokens_total {self.completion_tokens}",
-                 "# TYPE herd_queue_length gauge", f"herd_queue_length {worker.queue_length}",
-                 "# TYPE herd_running_requests gauge", f"herd_running_requests {worker.running}",
+                 "# TYPE herd_queue_length gauge", f"herd_queue_length {queue_length}",
+                 "# TYPE herd_running_requests gauge", f"herd_running_requests {running}",
                  "# TYPE herd_request_latency_seconds summary"]
         lines += [f'herd_request_latency_seconds{{quantile="{p}"}} {v:.6f}' for p, v in q.items()]
         return "\n".join(lines) + "\n"
@@ -140,26 +161,42 @@ def tools_for(choice, tools: list) -> list | None:
 
 
 class Service:
-    """Everything a request needs: the model's name and limits, the tokenizer, the engine worker, the metrics."""
+    """Everything a request needs: the serving config's limits, the model's name and context, the tokenizer, the
+    generation defaults, the engine worker (`worker`: for the server's shutdown, never for the routes), the metrics.
+    """
 
-    def __init__(self, worker, tokenizer, model_name: str, defaults: dict | None = None, media_dir: str | None = None,
-                 max_images: int = 8, max_image_bytes: int = 20 * 2**20, api_key: str | None = None,
-                 max_request_bytes: int = 64 * 2**20, max_concurrent: int = 64):
-        self.worker, self.tok, self.name = worker, tokenizer, model_name
+    def __init__(self, config: ServeConfig, worker, tokenizer, defaults: dict | None = None):
+        self.config, self.worker, self.tokenizer, self.defaults = config, worker, tokenizer, defaults or {}
         model = worker.engine.model
-        self.cfg = getattr(model.config, "text_config", model.config)
-        self.vision = getattr(model.config, "vision_config", None)
-        self.defaults, self.metrics = defaults or {}, Metrics()
-        self.media_dir = Path(media_dir).resolve() if media_dir else None
-        self.max_images, self.max_image_bytes = max_images, max_image_bytes
+        self.text_config, self.vision_config = model.text_config, model.vision_config
+        self.context = self.text_config.max_position_embeddings
+        self.name = config.name or Path(config.model).resolve().name
+        self.media_dir = Path(config.media_dir).resolve() if config.media_dir else None
+        self.metrics = Metrics()
         self.created = int(time.time())
-        self.api_key, self.max_request_bytes, self.max_concurrent = api_key, max_request_bytes, max_concurrent
 
-    # ---- request -> (prompt ids, images, params) ------------------------------------------------------------------
-    def _check_model(self, body: dict) -> None:
+    # ---- who may ask, for which model ------------------------------------------------------------------------------
+    def authorize(self, headers: Mapping[str, str]) -> None:
+        """401 unless the request's headers carry the API key (when the server has one)."""
+        key = self.config.api_key
+        if key is not None and headers.get("authorization") != f"Bearer {key}":
+            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
+                           kind="authentication_error")
+
+    def check_model(self, body: dict) -> None:
         if body.get("model") not in (self.name, None):
             raise APIError(404, f"the model {body.get('model')!r} does not exist; this server has {self.name!r}",
                            "model", "model_not_found")
+
+    def model_card(self) -> dict:
+        """This server's one model, as /v1/models lists it."""
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "herd",
+                "max_model_len": self.context}
+
+    # ---- request -> (prompt ids, images, params) ------------------------------------------------------------------
+    def sampling(self, body: dict, chat: bool) -> tuple[SamplingParams, int, bool]:
+        """sampling_params with this model's generation defaults and context."""
+        return sampling_params(body, self.defaults, self.context, chat)
 
     def _images(self, messages: list) -> None:
         from herd.chat import collect_images
@@ -167,16 +204,17 @@ class Service:
         sources = collect_images(messages)
         if not sources:
             return
-        if self.vision is None:
+        limit, max_bytes = self.config.max_images, self.config.max_image_bytes
+        if self.vision_config is None:
             raise APIError(400, "this model is text-only: it cannot take image_url parts", "messages")
-        if len(sources) > self.max_images:
-            raise APIError(400, f"too many images: {len(sources)} (at most {self.max_images})", "messages")
+        if len(sources) > limit:
+            raise APIError(400, f"too many images: {len(sources)} (at most {limit})", "messages")
         for s in sources:
             if not isinstance(s, str):
                 raise APIError(400, "an image_url must be a string", "messages")
             if s.startswith("data:"):
-                if len(s) * 3 // 4 > self.max_image_bytes:
-                    raise APIError(413, f"an image is larger than {self.max_image_bytes} bytes", "messages")
+                if len(s) * 3 // 4 > max_bytes:
+                    raise APIError(413, f"an image is larger than {max_bytes} bytes", "messages")
                 continue
             if s.startswith(("http://", "https://")):
                 raise APIError(400, "remote image URLs are not fetched: send the image as a data: URL", "messages")
@@ -184,10 +222,11 @@ class Service:
             if self.media_dir is None or self.media_dir not in path.parents:
                 raise APIError(400, "local image paths are not allowed (the server has no --media-dir for them)",
                                "messages")
-            if path.is_file() and path.stat().st_size > self.max_image_bytes:
-                raise APIError(413, f"an image is larger than {self.max_image_bytes} bytes", "messages")
+            if path.is_file() and path.stat().st_size > max_bytes:
+                raise APIError(413, f"an image is larger than {max_bytes} bytes", "messages")
 
     def chat_prompt(self, body: dict):
+        """(prompt ids, pixel values or None, the tools the prompt shows or None) of a chat request."""
         from herd.chat import prepare_chat, tiling
         from herd.image import ImageError
 
@@ -199,9 +238,9 @@ class Service:
             raise APIError(400, "tools must be a list", "tools")
         use_tools = tools_for(body.get("tool_choice"), tools or [])
         self._images(messages)
-        kw = tiling(self.vision)
+        kw = tiling(self.vision_config)
         try:
-            ids, batch = prepare_chat(messages, self.tok, tools=use_tools, **kw)
+            ids, batch = prepare_chat(messages, self.tokenizer, tools=use_tools, **kw)
         except ImageError as e:
             raise APIError(400, f"could not decode an image: {e}", "messages") from None
         except (ValueError, TypeError, KeyError) as e:
@@ -217,7 +256,7 @@ class Service:
                 isinstance(p, str) or (isinstance(p, list) and p and all(_is_id(t) for t in p)) for p in prompt)):
             raise APIError(400, f"prompt must be a string, a list of token ids, or a list of at most {MAX_PROMPTS} "
                                 "of either", "prompt")
-        return [p if isinstance(p, list) else [self.tok.bos_id] + self.tok.encode(p) for p in prompt]
+        return [p if isinstance(p, list) else [self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompt]
 
     def echoes(self, body: dict) -> list[str] | None:
         """The completions API's `echo`: each prompt's text, to put before its choices' text (None without echo).
@@ -235,13 +274,63 @@ class Service:
             raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported", "echo")
         prompt = body["prompt"]
         prompts = [prompt] if isinstance(prompt, str) or all(_is_id(t) for t in prompt) else prompt
-        return [p if isinstance(p, str) else self.tok.decode(p) for p in prompts]
+        return [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
 
     def check_length(self, ids: list[int], params: SamplingParams, explicit: bool) -> SamplingParams:
-        room = self.cfg.max_position_embeddings - len(ids)
+        """`params` for this prompt: max_new_tokens cut to the context left (400 when nothing is left, or when an
+        explicit max_tokens does not fit)."""
+        room = self.context - len(ids)
         if room <= 0 or (explicit and params.max_new_tokens > room):
             raise APIError(400, f"the prompt is {len(ids)} tokens" + (f" and max_tokens {params.max_new_tokens}"
                                                                         if explicit else "")
-                           + f": more than the model's context of {self.cfg.max_position_embeddings}",
+                           + f": more than the model's context of {self.context}",
                            "messages", "context_length_exceeded")
         return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
+
+    # ---- the engine ------------------------------------------------------------------------------------------------
+    @property
+    def queue_length(self) -> int:
+        return self.worker.queue_length
+
+    @property
+    def running(self) -> int:
+        return self.worker.running
+
+    @property
+    def in_flight(self) -> int:
+        """Unfinished generations in the engine: waiting or decoding."""
+        return self.worker.queue_length + self.worker.running
+
+    def submit(self, ids: list[int], params: SamplingParams, pixels=None):
+        """(engine request, asyncio queue of (text delta, finished)); ValueError for a prompt the engine refuses."""
+        return self.worker.submit(ids, params, pixels)
+
+    def cancel(self, req) -> None:
+        self.worker.cancel(req)
+
+    def start(self, prompts: list[list[int]], params: list[SamplingParams], n: int, pixels=None) -> list:
+        """Submit `n` choices of each prompt (with its own params), in order; returns their (request, queue) pairs.
+        429 when they would take the generations in flight past max_concurrent; 400 (and nothing left running) for
+        what the engine's own checks refuse (an empty prompt, the context, images on a text model)."""
+        in_flight, limit = self.in_flight, self.config.max_concurrent
+        if in_flight + n * len(prompts) > limit:
+            raise APIError(429, f"the server is busy: {in_flight} generations in flight (at most {limit}); retry "
+                                "later", kind="rate_limit_error")
+        self.metrics.count_request()
+        subs = []
+        try:
+            for ids, p in zip(prompts, params, strict=True):
+                # choice i of a seeded request draws with seed + i (vLLM's rule): n different, reproducible answers
+                subs += [self.submit(ids, p if p.seed is None else dataclasses.replace(p, seed=p.seed + i), pixels)
+                         for i in range(n)]
+        except ValueError as e:
+            self.cancel_all(subs)
+            raise APIError(400, str(e)) from None
+        return subs
+
+    def cancel_all(self, subs: list) -> None:
+        for req, _ in subs:
+            self.cancel(req)
+
+    def metrics_text(self) -> str:
+        return self.metrics.text(self.queue_length, self.running)

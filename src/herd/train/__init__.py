@@ -6,7 +6,7 @@ distillation and FSDP2 live in their own modules here and are imported only when
     train(train_preset("tiny", out_dir="runs/x", max_steps=900), resume=True)
 """
 
-from herd.train.config import TRAIN_PRESETS, TrainConfig, train_preset
+from herd.train.train_config import TRAIN_PRESETS, TrainConfig, train_preset
 from herd.train.trainer import TrainingDiverged, train
 
 __all__ = ["TRAIN_PRESETS", "TrainConfig", "TrainingDiverged", "train", "train_preset"]

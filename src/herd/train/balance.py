@@ -3,12 +3,15 @@
 Aux-loss-free balancing (Wang et al. 2024, arXiv:2408.15664; used by DeepSeek-V3): each router carries a bias
 `expert_bias` (E,) that is added to the logits only to CHOOSE experts (herd.model.moe.Router); the gate weights come
 from the unbiased logits, so the bias steers traffic without entering the gradient. After each optimizer step the
-bias moves a fixed amount toward balance. herd follows torchtitan's rule (spec section 2.4):
+bias moves a fixed amount toward balance. herd follows torchtitan's rule (its MoE `_update_expert_bias`):
 
     dB = rate * sign(mean(n) - n);   dB -= mean(dB);   b += dB
 
 n being the tokens each expert received. The mean-centering (torchtitan's addition, absent from the paper) keeps the
-biases from drifting as a whole, which changes nothing about top-k but keeps them bounded. Loads are summed over
+biases from drifting as a whole, which changes nothing about top-k but keeps them bounded. Over the run's last
+`bias_cooldown` share of steps the update stops and the biases shrink linearly to exactly zero (`shrink_biases`), so
+the final model routes by its router weights alone: Llama 4's checkpoint format and the engines that read it have
+no router bias (herd.formats.hf). The README's experiment measures what that costs. Loads are summed over
 data-parallel ranks first (an all-reduce when torch.distributed is initialised), so every rank applies the same
 update and the replicated biases never diverge.
 
@@ -74,6 +77,13 @@ def update_biases(model: nn.Module, loads: torch.Tensor, rate: float = 1e-3) -> 
         r.expert_bias += delta.to(device=r.expert_bias.device, dtype=r.expert_bias.dtype)
 
 
+@torch.no_grad()
+def shrink_biases(model: nn.Module, factor: float) -> None:
+    """Scale every router's bias by `factor` (the cooldown that takes them to zero by the end of a run)."""
+    for r in routers(model):
+        r.expert_bias *= factor
+
+
 def switch_aux_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], top_k: int, n_experts: int,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """E * sum_e f_e * P_e over all MoE layers (transformers' load_balancing_loss_func); multiply by the coef.
@@ -96,3 +106,22 @@ def switch_aux_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...]
         probs = probs + p.sum(0)
         rows = rows + (p.shape[0] if mask is None else mask.sum())
     return n_experts * torch.sum((counts / rows) * (probs / rows))
+
+
+@torch.no_grad()
+def routing_without_biases(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> dict:
+    """What dropping the routers' biases does to `model` on a batch: the share of (token, MoE layer) expert choices
+    that change, and the largest logit change - what an engine without router biases computes instead."""
+    rs = routers(model)
+    with_bias, router_logits = model(input_ids, doc_ids=doc_ids, return_router_logits=True)
+    saved = [r.expert_bias.clone() for r in rs]
+    changed = total = 0
+    for r, logits in zip(rs, router_logits, strict=True):
+        chosen = torch.topk(logits + r.expert_bias.to(logits.dtype), r.top_k, dim=1).indices  # (N, k)
+        changed += int((torch.topk(logits, r.top_k, dim=1).indices != chosen).any(1).sum())
+        total += chosen.shape[0]
+    shrink_biases(model, 0.0)
+    without = model(input_ids, doc_ids=doc_ids)
+    for r, b in zip(rs, saved, strict=True):
+        r.expert_bias.copy_(b)
+    return {"routing_changed": changed / max(total, 1), "max_logit_change": float((with_bias - without).abs().max())}

@@ -2,7 +2,7 @@
 
 Llama 4 Maverick and Scout were co-distilled from Behemoth with a loss that "dynamically weights the soft and hard
 targets through training" (Meta's blog; the schedule is unpublished). herd uses Hinton et al.'s form
-(arXiv:1503.02531; spec section 3.5):
+(arXiv:1503.02531):
 
     loss = alpha(t) * tau^2 * KL(p_T || p_S) + (1 - alpha(t)) * CE(labels, softmax(z_S))
     p_T = softmax(z_T / tau),  p_S = softmax(z_S / tau)
@@ -20,7 +20,7 @@ alpha(t) schedules (`alpha_at`), with progress s = step / total clipped to [0, 1
 - "linear":   alpha = start + (end - start) * s;
 - "cosine":   alpha = end + (start - end) * (1 + cos(pi * s)) / 2 (flat at both ends, fastest change mid-run).
 The defaults go from 0.9 to 0.1: lean on the teacher early, when its distribution carries most of the signal, and
-on the data late; mixing hard labels back in helps against exposure bias (arXiv:2605.26246, spec section 3.5).
+on the data late; mixing hard labels back in helps against exposure bias (arXiv:2605.26246).
 
 Shapes: B batch, T tokens, V vocab, N = B*T.
 """

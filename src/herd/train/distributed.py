@@ -3,7 +3,7 @@
 FSDP2 shards every parameter along dim 0 across ranks as a DTensor; before a module's forward it all-gathers that
 module's parameters, frees them after, and reduce-scatters (averages) gradients in backward. Wrapping each decoder
 layer separately (then the root, which takes the embeddings, final norm and lm_head) means one layer's parameters are
-gathered at a time and communication overlaps compute: torchtitan's `apply_fsdp` (spec section 2.5). The MoE experts'
+gathered at a time and communication overlaps compute: pytorch/torchtitan's `apply_fsdp`. The MoE experts'
 (E, D, 2F) tensors shard over experts; the routers' `expert_bias` is a buffer, replicated, and stays identical on
 every rank because herd.train.balance all-reduces the loads before updating it.
 

@@ -5,8 +5,9 @@
   2204.02311, appendix B), with context = seq_len for global (NoPE) layers and min(seq_len, chunk) for chunked ones.
   A multimodal model's vision tower is not counted (it is small next to the decoder and runs on few rows).
 - Peak: on CPU, the best of a few square float32 / bfloat16 matmuls measured on first use (CPUs differ too much for
-  a table: herd's 2-core development VMs have measured 190-260 GFLOP/s float32 and, without AVX512-BF16, as little
-  as 50 GFLOP/s bfloat16); on GPUs the published dense peak (MFU's usual definition); `peak_flops` overrides both.
+  a table, and without AVX512-BF16 bfloat16 runs at a fraction of the float32 rate: the README's training benchmark
+  gives the development VM's figures); on GPUs the published dense peak (MFU's usual definition); `peak_flops`
+  overrides both.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def flops_per_token(mcfg, seq_len: int) -> float:
     """Training FLOPs per token of a TextConfig (or a multimodal config's decoder), as the module docstring says."""
     from herd.sizes import count_params
 
-    mcfg = getattr(mcfg, "text_config", mcfg)
+    mcfg = mcfg.text_config
     n = count_params(mcfg).active - (0 if mcfg.tie_word_embeddings else mcfg.vocab_size * mcfg.hidden_size)
     attn = sum(12 * mcfg.num_attention_heads * mcfg.head_dim *
                (min(seq_len, mcfg.attention_chunk_size) if mcfg.uses_rope(i) else seq_len)

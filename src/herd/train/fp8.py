@@ -1,11 +1,12 @@
 """FP8 training of the large linear layers through torchao's float8 (`convert_to_float8_training`).
 
-Meta pre-trained Llama 4 Behemoth in FP8 (390 TFLOPs/GPU on 32K GPUs; spec section 3.2). torchao swaps an
+Meta pre-trained Llama 4 Behemoth in FP8 (390 TFLOPs/GPU on 32K GPUs; "The Llama 4 herd" blog post). torchao swaps an
 nn.Linear for a Float8Linear that keeps its weight in high precision (the optimizer's master copy) and, in every
 matmul of forward and backward, casts inputs and weights to float8 e4m3 and output gradients to e5m2 with dynamic
 per-tensor scales ("tensorwise", torchao's default recipe), accumulating in high precision.
 
-What is converted, and why the rest is not (the same lesson as torchtitan's and nanochat's, spec section 2.6):
+What is converted, and why the rest is not (the same lesson as pytorch/torchtitan's float8 docs and
+karpathy/nanochat's fp8.py and dev/LOG.md):
 - converted: the attention projections (q/k/v/o_proj), dense MLPs and the MoE shared expert (gate/up/down_proj) of
   the text decoder - the big GEMMs, where FP8 pays;
 - kept: the router (a tiny GEMM whose logits choose experts: an FP8 rounding can flip a top-1 choice; it is also an

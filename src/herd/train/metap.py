@@ -2,8 +2,9 @@
 
 Meta says only that MetaP "reliably set[s] critical model hyper-parameters such as per-layer learning rates and
 initialization scales" that "transfer well across different values of batch size, model width, depth, and training
-tokens" (spec section 3.2; no equations published). herd's rules are the published open analogues, expressed purely
-through init scales and per-group Adam learning rates, so the model code and the Hugging Face format stay untouched:
+tokens" ("The Llama 4 herd" blog post; no equations published). herd's rules are the published open analogues,
+expressed purely through init scales and per-group Adam learning rates, so the model code and the Hugging Face
+format stay untouched:
 
 - width: muP for Adam (Yang et al., Tensor Programs V, arXiv:2203.03466, Table 3, the form without multipliers);
 - depth: depth-muP (Yang et al., Tensor Programs VI, arXiv:2310.02244): residual branches x + a * f(x) with
@@ -95,7 +96,7 @@ def multipliers(r: str, m: float, d: float) -> tuple[float, float]:
 
 def _ratios(model: nn.Module, base_width: int | None, base_depth: int | None) -> tuple[TextConfig, float, float]:
     """(text config, m, d); a base left as None is the model's own size (ratio 1)."""
-    cfg = model.config.text_config if hasattr(model.config, "text_config") else model.config
+    cfg = model.text_config
     m = cfg.hidden_size / (base_width or cfg.hidden_size)
     d = cfg.num_hidden_layers / (base_depth or cfg.num_hidden_layers)
     return cfg, m, d

@@ -88,7 +88,7 @@ def print_samples(model, tok, mcfg, seed: int, out_dir=None, scene_size: int = 5
     print("samples (greedy):")
     for prompt, cont in text_samples(model, tok):
         print(f"  {prompt!r} -> {cont!r}")
-    vcfg = getattr(mcfg, "vision_config", None)
+    vcfg = mcfg.vision_config
     if vcfg is not None:
         for i, s in enumerate(scene_samples(model, tok, vcfg, seed, size=scene_size)):
             where = ""

@@ -5,9 +5,13 @@ each document through `doc_ids`), cross-entropy over every target that is not -1
 targets (so accumulation gives exactly the big-batch loss), plus MoE balancing, AdamW with the schedule
 (herd.train.schedule), global-norm clipping. bfloat16 runs under autocast with float32 weights and optimizer state.
 
-MoE balancing (spec 2.4): `aux_free` (default) counts the tokens each expert receives over the step and nudges the
-routers' selection biases toward the mean before the optimizer step (as torchtitan's pre-step hook, so it composes
-with accumulation); `aux_loss` adds transformers' Switch loss times `aux_coef`; loads are logged and plotted always.
+MoE balancing (herd.train.balance): `aux_free` (default) counts the tokens each expert receives over the step and
+nudges the routers' selection biases toward the mean before the optimizer step (as torchtitan's pre-step hook, so it
+composes with accumulation), then decays them to zero over the last `bias_cooldown` share of the planned steps, so
+the model the run evaluates last is the one its Hugging Face export gives every engine; `aux_loss` adds
+transformers' Switch loss times `aux_coef`; loads are logged and plotted always. An export that still has biases (a
+run stopped before its cooldown ended, or `bias_cooldown=0`) keeps them in the weights for herd and warns, with how
+much routing changes without them on the validation batches.
 
 Measures (documented here because numbers mean nothing without their definitions):
 - bits per byte = total nats / (ln 2 * total UTF-8 bytes of the evaluated text), where the evaluated text is the
@@ -20,9 +24,8 @@ Image-text rows (`image_rows` > 0, herd.train.inputs.ImageRows): the model is th
 decoder, Hugging Face `Llama4ForConditionalGeneration` layout); each micro-batch adds a forward pass over that many
 chat rows with their images. The objective is (1 - image_weight) x the mean loss over the text targets +
 image_weight x the mean over the answer tokens: answers are a few tokens against a thousand of text per step, and
-in one plain mean they would weigh ~2% of it. Validation
-reports `val_image_loss` over fixed held-out chats next to the text `val_loss` / `val_bpb`, which stay text-only so
-runs with and without images compare. A distillation teacher sees the text rows only.
+in one plain mean they would weigh ~2% of it. Validation reports `val_image_loss` over fixed held-out chats next to
+the text `val_loss` / `val_bpb`, which stay text-only so runs with and without images compare. A distillation teacher sees the text rows only.
 
 A non-finite loss or gradient norm stops the run before the weights are touched, with a `TrainingDiverged` error
 naming the last good checkpoint (none is written after the failure).
@@ -35,16 +38,17 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from herd.train import checkpoint as ckpt
-from herd.train.config import TrainConfig
+from herd.train import snapshots as ckpt
 from herd.train.flops import default_peak_flops, flops_per_token
 from herd.train.inputs import ImageRows, documents, token_bytes_table, tokenizer
 from herd.train.schedule import lr_factor
+from herd.train.train_config import TrainConfig
 
 IGNORE = -100
 # settings that may change on resume without changing the run's numbers
@@ -141,7 +145,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.tok = tokenizer(cfg)
         self.model, self.mcfg = build_model(cfg, self.device, self.world)
-        self.tcfg = getattr(self.mcfg, "text_config", self.mcfg)  # the decoder's config
+        self.tcfg = self.mcfg.text_config  # the decoder's config
         if self.tok.vocab_size > self.tcfg.vocab_size:
             raise ValueError(f"tokenizer has {self.tok.vocab_size} ids but the model only {self.tcfg.vocab_size}")
         self.opt, self.base_lrs = build_optimizer(cfg, self.model)
@@ -150,7 +154,7 @@ class Run:
 
         self.data = Packer(documents(cfg, "train"), self.tok, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
                            rank=self.rank, world_size=self.world)
-        vcfg = getattr(self.mcfg, "vision_config", None)
+        vcfg = self.mcfg.vision_config
         self.images = ImageRows(cfg, self.tok, vcfg, "train", self.rank, self.world) if cfg.image_rows else None
         self.val_batches, self.val_images = None, None
         self.bytes_table = token_bytes_table(self.tok, self.tcfg.vocab_size)
@@ -177,7 +181,7 @@ class Run:
 
     def _teacher(self):
         teacher, tcfg = ckpt.load_model(self.cfg.teacher)
-        tcfg = getattr(tcfg, "text_config", tcfg)
+        tcfg = tcfg.text_config
         if tcfg.vocab_size != self.tcfg.vocab_size:
             raise ValueError(f"teacher vocabulary {tcfg.vocab_size} differs from the student's {self.tcfg.vocab_size}")
         return teacher.to(self.device).eval().requires_grad_(False)
@@ -255,7 +259,11 @@ class Run:
                 with torch.no_grad():
                     loads += balance.expert_loads(model, [r.detach() for r in router_logits]).float()
         if cfg.balance == "aux_free" and len(loads):
-            balance.update_biases(model, loads, cfg.bias_rate)  # sums the loads over ranks itself
+            left = cfg.steps - self.step  # steps left in the plan, this one included
+            if left <= round(cfg.bias_cooldown * cfg.steps):  # the cooldown: linearly to exactly zero at the end
+                balance.shrink_biases(model, max(left - 1, 0) / max(left, 1))
+            else:
+                balance.update_biases(model, loads, cfg.bias_rate)  # sums the loads over ranks itself
         loads = _all_sum(loads, self.world)  # for the log: the whole step's tokens
         loss_val = float(_all_sum(ce / n_text, self.world)) / self.world  # text cross-entropy: comparable across runs
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -407,10 +415,26 @@ class Run:
         self.saved_step = self.step
 
     def export(self) -> Path:
-        sd, hf = ckpt.model_state(self.model), self.out / "hf"
+        """out_dir/hf: the run's model in the Hugging Face format with the tokenizer (herd.formats.hf). A model that
+        still routes with biases is exported with them, and what reading it without them changes is measured."""
+        from herd.formats import hf as hf_format
+        from herd.train.balance import routing_without_biases
+
+        sd, out = ckpt.model_state(self.model), self.out / "hf"
         if self.main:
-            ckpt.export_hf(sd, ckpt.expert_biases(self.model), self.mcfg, self.tok, hf)
-        return hf
+            model = ckpt.plain_model(sd, ckpt.expert_biases(self.model), self.mcfg)
+            with warnings.catch_warnings():  # said below, with figures
+                warnings.simplefilter("ignore", hf_format.RoutingWarning)
+                hf_format.export(model, self.tok, out)
+            if routers := hf_format.biased(model):
+                b = (self.val_batches or [next(iter(self.batches))])[0]
+                change = routing_without_biases(model, b["input_ids"], b["doc_ids"])
+                self.log({"kind": "export", "step": self.step, "biased_routers": len(routers), **change})
+                print(f"WARNING: {out} routes with non-zero MoE selection biases ({len(routers)} routers): the run "
+                      f"stopped before its bias cooldown ended, or bias_cooldown=0. herd loads them; transformers and "
+                      f"vLLM ignore them, which changes {100 * change['routing_changed']:.1f}% of the expert choices "
+                      f"on a validation batch and the logits by up to {change['max_logit_change']:.3g}.", flush=True)
+        return out
 
     # -- the loop --
     def fit(self) -> dict:

@@ -30,7 +30,7 @@ LONG = ("passkey", "kv")  # long-context sources mid-training adds to the run's 
 
 
 def add_train_parser(subparsers) -> None:
-    from herd.train.config import TrainConfig
+    from herd.train.train_config import TrainConfig
 
     def common(sp):
         sp.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, plots, hf/)")
@@ -47,7 +47,7 @@ def add_train_parser(subparsers) -> None:
 
     sp = subparsers.add_parser("train", help="pretrain a model (tiny presets run on a laptop CPU)",
                                description="Train from scratch or resume. Any TrainConfig field: --key=value.")
-    sp.add_argument("--preset", default="tiny", help="training preset (herd.train.config.TRAIN_PRESETS)")
+    sp.add_argument("--preset", default="tiny", help="training preset (herd.train.train_config.TRAIN_PRESETS)")
     sp.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
                     help="continue the run in DIR (or in --out) from its newest checkpoint")
     sp.add_argument("--init", help="start from these weights (a run directory or a Hugging Face checkpoint)")
@@ -74,7 +74,7 @@ def _overrides(args) -> list[str]:
 
 def _midtrain_base(args):
     """The run's own config with the mid-training schedule, at the new length with the run's tokens per step."""
-    from herd.train.config import from_dict, load_file, train_preset
+    from herd.train.train_config import from_dict, load_file, train_preset
 
     stage = train_preset(args.preset)
     init = Path(args.init)  # a run directory, or one of its checkpoints (run/ckpt/step_N)
@@ -89,7 +89,7 @@ def _midtrain_base(args):
 
 def build_config(args):
     """(TrainConfig, resume) from parsed `herd train` / `herd midtrain` arguments."""
-    from herd.train.config import from_dict, load_file, train_preset, with_overrides
+    from herd.train.train_config import from_dict, load_file, train_preset, with_overrides
 
     out = args.resume if isinstance(args.resume, str) else args.out
     if args.resume and not out:

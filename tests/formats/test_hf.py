@@ -1,7 +1,7 @@
 """Hugging Face checkpoint I/O: round trips with transformers both ways, sharding, dtypes, the multimodal layout,
 and every kind of bad checkpoint raising a clear error that names the problem.
 
-Run: .venv/bin/python -m pytest tests/test_checkpoint.py -v
+Run: .venv/bin/python -m pytest tests/formats/test_hf.py -v
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import herd
-from herd.checkpoint import CheckpointError, config_from_hf
 from herd.config import ConfigError
+from herd.formats.hf import CheckpointError, config_from_hf
 from tests.conftest import hf_config
 
 TOL = 1e-5
@@ -37,7 +37,7 @@ def saved(cfg, tmp_path_factory):
     """A checkpoint written by herd (float32, single file) and the model that wrote it."""
     path = tmp_path_factory.mktemp("ckpt")
     model = herd.build_model(cfg, seed=1).eval()
-    model.save_pretrained(path)
+    herd.save_pretrained(model, path)
     return path, model
 
 
@@ -71,7 +71,7 @@ def test_herd_checkpoint_loads_into_transformers(cfg, ids, saved):
 
 def test_sharded_bf16_round_trip(cfg, ids, tmp_path):
     model = herd.build_model(cfg, seed=2).eval()
-    model.save_pretrained(tmp_path, max_shard_bytes=200_000, dtype=torch.bfloat16)
+    herd.save_pretrained(model, tmp_path, max_shard_bytes=200_000, dtype=torch.bfloat16)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     back = herd.from_pretrained(tmp_path)
@@ -239,7 +239,7 @@ def test_bf16_checkpoint_gives_bit_identical_logits(tmp_path):
 
     for k in (1, 2):
         cfg = herd.preset("tiny", num_experts_per_tok=k)
-        herd.build_model(cfg, seed=k).save_pretrained(tmp_path / str(k), dtype=torch.bfloat16)
+        herd.save_pretrained(herd.build_model(cfg, seed=k), tmp_path / str(k), dtype=torch.bfloat16)
         ref = Llama4ForCausalLM.from_pretrained(tmp_path / str(k), dtype=torch.bfloat16).eval()
         ours = herd.from_pretrained(tmp_path / str(k))
         ids = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(k))
@@ -254,3 +254,44 @@ def test_meta_build_then_materialize(cfg, ids):
     again = herd.build_model(cfg, seed=3)
     with torch.no_grad():
         assert torch.equal(model(ids), again(ids))
+
+
+def test_router_biases_travel_with_the_weights_in_bfloat16_too(cfg, ids, tmp_path):
+    """A model that routes with selection biases: a bfloat16 export keeps them in float32 next to the weights (they
+    decide top-k, where rounding would change choices) and loads back routing as before; the legacy JSON sidecar of
+    older exports must name the model's routers."""
+    from herd.formats.hf import LEGACY_BIAS_FILE, RoutingWarning, biased, router_biases
+
+    model = herd.build_model(cfg, seed=3).eval()
+    assert biased(model) == []
+    g = torch.Generator().manual_seed(3)
+    for b in router_biases(model).values():
+        b.copy_(torch.randn(b.shape, generator=g))
+    with pytest.warns(RoutingWarning, match="4 MoE router"):
+        herd.save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16, max_shard_bytes=100_000)
+    loaded = herd.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert all(torch.equal(a, router_biases(model)[n]) for n, a in router_biases(loaded).items())
+    with torch.no_grad():  # the same choices as the saved model with bfloat16-rounded weights
+        rounded = herd.build_model(cfg, seed=3).eval()
+        rounded.load_state_dict({n: p.bfloat16().float() for n, p in model.state_dict().items()})
+        for n, b in router_biases(rounded).items():
+            b.copy_(router_biases(model)[n])
+        torch.testing.assert_close(loaded(ids), rounded(ids), atol=0, rtol=0)
+    unbiased = tmp_path / "old"
+    herd.save_pretrained(herd.build_model(cfg, seed=3), unbiased)
+    (unbiased / LEGACY_BIAS_FILE).write_text(json.dumps({"model.layers.9.feed_forward.router.expert_bias": [0.0]}))
+    with pytest.raises(CheckpointError, match="do not match the model's"):
+        herd.from_pretrained(unbiased)
+
+
+def test_generation_defaults_are_read_where_they_are_written(saved, tmp_path):
+    from herd.formats.hf import generation_defaults
+
+    path, _ = saved
+    written = json.loads((path / "generation_config.json").read_text())
+    assert written == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0} and generation_defaults(path) == {}
+    _copy(path, tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({**written, "temperature": 0.6, "top_p": 0.9,
+                                                                 "do_sample": True}))
+    assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9}
+    assert generation_defaults(tmp_path / "nowhere") == {}

@@ -1,7 +1,7 @@
 """The full `Llama4ForConditionalGeneration` checkpoint format: transformers <-> herd both ways, sharded, with the
 preprocessor settings (tile size, max tiles) carried in preprocessor_config.json.
 
-Run: .venv/bin/python -m pytest tests/test_checkpoint_multimodal.py -v
+Run: .venv/bin/python -m pytest tests/formats/test_hf_multimodal.py -v
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import herd
-from herd.checkpoint import CheckpointError
+from herd.formats.hf import CheckpointError
 from tests.conftest import hf_mm_config, twin_multimodal
 from tests.model.test_vision_parity import _cfg, _prompt
 
@@ -38,7 +38,7 @@ def test_herd_multimodal_checkpoint_loads_into_transformers(tmp_path):
 
     cfg = _cfg()
     ours, _ = twin_multimodal(cfg, seed=5)
-    ours.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    herd.save_pretrained(ours, tmp_path, max_shard_bytes=300_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert any(k.startswith("vision_model.") for k in index["weight_map"])
     pre = json.loads((tmp_path / "preprocessor_config.json").read_text())
@@ -57,7 +57,7 @@ def test_missing_vision_tensor_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
     cfg = _cfg()
-    herd.build_model(cfg).save_pretrained(tmp_path)
+    herd.save_pretrained(herd.build_model(cfg), tmp_path)
     sd = load_file(tmp_path / "model.safetensors")
     del sd["vision_model.model.layers.1.mlp.fc2.bias"]
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})

@@ -1,4 +1,6 @@
-"""Training checkpoints: everything needed to continue a run bit for bit, written so a crash never corrupts one.
+"""Training snapshots (a run's checkpoints): everything needed to continue a run bit for bit, written so a crash
+never corrupts one; and reading a snapshot's (or a Hugging Face directory's) weights as a model, to start a run from
+or to distill from.
 
 Layout: `out_dir/ckpt/step_00000100/{model,optim,state}.pt`. A checkpoint is written into a hidden temporary
 directory (`.tmp-step_...`), every file and the directory are fsynced, and only then is the directory renamed into
@@ -8,9 +10,9 @@ temporary directories from a killed save are removed on the next save or resume.
 
 Contents: model weights (state_dict), AdamW state, the schedule position, the data position (the packer's
 state_dict), RNG states (torch, CUDA, Python `random`, NumPy), the MoE routers' `expert_bias` buffers (kept out of the
-model's state_dict and the Hugging Face format, yet they decide routing), the step, the training config and the
-model config. Only tensors and plain containers are stored, so loading uses `torch.load(weights_only=True)`: a
-checkpoint cannot run code (the same rule as torchtitan's and nanochat's loaders).
+model's state_dict, yet they decide routing), the step, the training config and the model config. The Hugging Face
+export is herd.formats.hf's job. Only tensors and plain containers are stored, so loading uses
+`torch.load(weights_only=True)`: a checkpoint cannot run code (the same rule as torchtitan's and nanochat's loaders).
 
 Under FSDP2 the full (unsharded) state dicts are gathered with torch.distributed.checkpoint's state_dict helpers
 and rank 0 writes them; every rank reads the files back and keeps its shard.
@@ -18,7 +20,6 @@ and rank 0 writes them; every rank reads the files back and keeps its shard.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -152,10 +153,11 @@ def model_config(d: dict):
 
 
 def load_model(path: str | Path, multimodal: bool = False):
-    """(model, its config) from a training checkpoint (weights + expert biases) or a Hugging Face dir: the text
-    model, or the multimodal one where the checkpoint has a vision tower. multimodal=True requires one."""
+    """(model, its config) from a training snapshot (weights + expert biases) or a Hugging Face dir (herd.formats.hf:
+    biases included): the text model, or the multimodal one where the checkpoint has a vision tower.
+    multimodal=True requires one."""
     import herd
-    from herd.checkpoint import CheckpointError, from_pretrained
+    from herd.formats.hf import CheckpointError, from_pretrained
     from herd.model.build import allocate
 
     step_dir = resolve(path)
@@ -166,31 +168,24 @@ def load_model(path: str | Path, multimodal: bool = False):
         model.load_state_dict(files["model"])
         set_expert_biases(model, files["state"]["expert_bias"])
     else:
-        model = from_pretrained(path, dtype=torch.float32).train()
+        model = from_pretrained(path, dtype=torch.float32)
         mcfg = model.config
-        sidecar = Path(path) / BIAS_FILE
-        if sidecar.is_file():
-            set_expert_biases(model, {k: torch.tensor(v) for k, v in json.loads(sidecar.read_text()).items()})
-    if multimodal and not hasattr(mcfg, "vision_config"):
+    if multimodal and mcfg.vision_config is None:
         raise CheckpointError(f"{path} is a text-only model: training on images (image_rows > 0) needs one with a "
                               "vision tower (start from a multimodal checkpoint, or from scratch)")
     return model.train(), mcfg
 
 
-BIAS_FILE = "expert_bias.json"  # the HF format has no place for the routers' selection biases: a sidecar keeps them
-
-
-def export_hf(sd: dict, biases: dict, mcfg, tokenizer, path: str | Path) -> None:
-    """Weights (a full state dict) in the Hugging Face format + the tokenizer + the expert-bias sidecar."""
+def plain_model(sd: dict, biases: dict, mcfg):
+    """A plain (unsharded, unwrapped) model on the CPU from a full state dict and its routers' biases: what is
+    exported, whatever wrapped the trained one (FSDP2, FP8 modules)."""
     import herd
     from herd.model.build import allocate
 
-    path = Path(path)
-    model = allocate(herd.build_model(mcfg, device="meta"), "cpu")  # a plain model, whatever wrapped the trained one
+    model = allocate(herd.build_model(mcfg, device="meta"), "cpu")
     model.load_state_dict(sd)
-    model.save_pretrained(path)
-    tokenizer.save(path)
-    (path / BIAS_FILE).write_text(json.dumps({k: v.tolist() for k, v in biases.items()}) + "\n")
+    set_expert_biases(model, biases)
+    return model.eval()
 
 
 # ---- expert biases and RNG -----------------------------------------------------------------------------------------

@@ -1,29 +1,28 @@
-"""The engine with a fixed-shape decode step: every request owns a row of a herd.model.slot_cache.SlotCache.
+"""The fixed-shape batch layout: every request owns a row of a herd.model.slot_cache.SlotCache.
 
-herd.infer.engine.Engine keeps one left-padded batch cache: rows join by padding and concatenating the whole cache,
-leave by copying the rest, and every step's shapes differ. That is the right trade on a CPU, where a step costs its
-matrix multiplies. On a GPU a small model's decode step is bound by launching kernels, not by arithmetic (one H200,
-bfloat16, the engine benchmark's model: about 5.5 ms a step at batch 1, 8 and 32 alike), and the cure is to capture
-the step once as a CUDA graph and replay it (what vLLM and gpt-fast do). A graph replays fixed shapes at fixed
-addresses, hence this engine:
-- admission, sampling, stops, streaming and cancellation are Engine's; prefill too (eager, left-padded groups into a
-  KVCache of their own), after which each request's keys are copied to its row at their real positions (no left
-  padding: a row computes what it computes alone);
-- a decode step runs rows 0 .. b - 1 of the slot cache, b the smallest capture size (1, 2, 4, ... max_batch) that
-  covers every live row; free rows in that range compute garbage nobody reads. A finished request just frees its
-  row (nothing is copied), and a new one takes the lowest free row, which keeps b small;
+herd.infer.padded_batch.PaddedBatch keeps one left-padded batch cache: rows join by padding and concatenating the
+whole cache, leave by copying the rest, and every step's shapes differ. That is the right trade on a CPU run
+eagerly, where a step costs its matrix multiplies. A small model's decode step on a GPU is bound by launching
+kernels, not by arithmetic, and the cure is to capture the step once as a CUDA graph and replay it (what vLLM and
+gpt-fast do); torch.compile likewise wants shapes that do not change. A graph replays fixed shapes at fixed
+addresses, hence this layout (the engine, herd.infer.engine.Engine, is the same for both):
+- prefill is the engine's (eager, left-padded groups into a KVCache of their own); each request's keys are then
+  copied to its row at their real positions (no left padding: a row computes what it computes alone);
+- a decode step is one model call over rows 0 .. b - 1 of the slot cache, b the smallest capture size (1, 2, 4, ...
+  max_batch) that covers every live row; free rows in that range compute garbage nobody reads. A finished request
+  just frees its row (nothing is copied), and a new one takes the lowest free row, which keeps b small;
 - the global layers' capacity doubles when a row is about to run out (the graphs are then captured again);
 - with `cuda_graphs` (default: on when the model is on a CUDA device) each b is captured once, on first use, and
   replayed with the step's ids and positions copied into its input buffers. A model whose step cannot be captured
   (one that reads a value back to the host, e.g. MoE experts on a GPU without a grouped matmul) falls back to the
   eager step with a warning. Without graphs the same step runs eagerly (CPU: tests and the benchmark's A/B);
 - with `compile` the step goes through torch.compile first (one graph per batch size and capacity, compiled on first
-  use or all at once by `warmup()`: tens of seconds each on a small CPU). On the 2-core CPU it takes the benchmark
-  model's batch-8 step from 9.3 to 6.1 ms; on a GPU it fuses the step's small kernels before the capture. A step it
-  cannot take whole (quantized experts loop over experts by their counts) runs eagerly, with a warning.
+  use or all at once by `warmup()`, which takes tens of seconds a size on a small CPU); on a GPU it fuses the step's
+  small kernels before the capture. A step it cannot take whole (quantized experts loop over experts by their
+  counts) runs eagerly, with a warning.
 
-Use: `SlotEngine(model, tokenizer, max_batch=32, compile=False)`, optionally `.warmup()` (compile every batch size
-before the first request), then as herd.infer.engine.Engine.
+Use: `Engine(model, tokenizer, layout=SlotBatch(model, max_batch=32, compile=True))`, then `engine.warmup()` to
+compile every batch size before the first request. The benchmark figures are in the README (bench_engine.py).
 Shapes: b rows in a step, V vocab, D hidden.
 """
 
@@ -34,8 +33,6 @@ import warnings
 
 import torch
 
-from herd.infer.engine import Engine
-from herd.model.attention import rope_phases
 from herd.model.cache import KVCache
 from herd.model.slot_cache import SlotCache
 
@@ -50,15 +47,15 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-class SlotEngine(Engine):
-    def __init__(self, model, tokenizer, max_batch: int = 32, capacity: int = 256, cuda_graphs: bool | None = None,
-                 compile: bool = False, **kwargs):
-        super().__init__(model, tokenizer, max_batch=max_batch, **kwargs)
-        self.lm = getattr(model, "language_model", model)  # the text decoder of a multimodal model
-        self.slot_cache = SlotCache(self.cfg, max_batch, self._capacity_for(capacity), self.device, self.lm.dtype)
-        self.slots: list[int] = []  # slot_cache row of running[r]
+class SlotBatch:
+    def __init__(self, model, max_batch: int = 32, capacity: int = 256, cuda_graphs: bool | None = None,
+                 compile: bool = False):
+        self.model, self.max_batch = model, max_batch
+        self.decoder, self.cfg = model.decoder, model.text_config  # decode steps never see images
+        self.device = next(model.parameters()).device
+        self.cache = SlotCache(self.cfg, max_batch, self._capacity_for(capacity), self.device, self.decoder.dtype)
+        self.slots: list[int] = []  # cache row of the engine's running[r]
         self.free = list(range(max_batch))  # free rows, ascending
-        self.inv_freq = self.lm._inv_freq.to(self.device)  # on the device: a capture may not copy from the host
         on_cuda = self.device.type == "cuda"
         if cuda_graphs and not on_cuda:
             raise ValueError(f"cuda_graphs needs a model on a CUDA device, not {self.device}")
@@ -89,10 +86,8 @@ class SlotEngine(Engine):
     @torch.no_grad()
     def warmup(self, progress=None) -> None:
         """Compile (and capture) the step for every batch size now, at the current capacity, instead of at first use,
-        where it would stall every running request (15-20 s a size on a 2-core CPU). `progress(i, n, b)` is called
-        before each size. Only on an idle engine: the dummy steps write position 0 of the rows they run."""
-        if self.running:
-            raise RuntimeError("warmup() needs an idle engine: its steps would overwrite running rows")
+        where it would stall every running request. `progress(i, n, b)` is called before each size. Only with no
+        rows in use (Engine.warmup checks): the dummy steps write position 0 of the rows they run."""
         if not (self.compiled or self.cuda_graphs):
             return
         for i, b in enumerate(self.sizes):
@@ -110,7 +105,7 @@ class SlotEngine(Engine):
         return max(positions, min(_pow2_at_least(positions), self.cfg.max_position_embeddings))
 
     # ---- rows ----------------------------------------------------------------------------------------------------
-    def _merge(self, new: KVCache, new_mask: torch.Tensor, lens: list[int]) -> None:
+    def admit(self, new: KVCache, new_mask: torch.Tensor, lens: list[int]) -> None:
         """Copy each prefilled request's real positions (the last lens[j] of row j of `new`) to a free row."""
         self._ensure(max(lens) + 1)
         for j, n in enumerate(lens):
@@ -121,53 +116,45 @@ class SlotEngine(Engine):
                 keys.append(k[j, :, k.shape[2] - S:])
                 values.append(v[j, :, v.shape[2] - S:])
             row = self.free.pop(0)
-            self.slot_cache.load(row, keys, values, n)
+            self.cache.load(row, keys, values, n)
             self.slots.append(row)
-        self.lengths += lens
 
-    def _drop(self, keep: list[int]) -> None:
-        """Keep running rows `keep`; the others' slot rows become free (nothing is copied)."""
-        kept = set(keep)
+    def keep(self, rows: list[int]) -> None:
+        """Keep the engine's running rows `rows`; the others' cache rows become free (nothing is copied)."""
+        kept = set(rows)
         self.free = sorted(self.free + [s for r, s in enumerate(self.slots) if r not in kept])
-        self.running = [self.running[r] for r in keep]
-        self.next_ids = [self.next_ids[r] for r in keep]
-        self.lengths = [self.lengths[r] for r in keep]
-        self.slots = [self.slots[r] for r in keep]
+        self.slots = [self.slots[r] for r in rows]
 
-    def fail_all(self, message: str) -> None:
-        super().fail_all(message)
+    def reset(self) -> None:
         self.slots, self.free = [], list(range(self.max_batch))
 
     def _ensure(self, positions: int) -> None:
         """Make the global layers hold `positions` positions per row (doubling; graphs are captured again)."""
-        if positions > self.slot_cache.capacity:
-            self.slot_cache.grow(self._capacity_for(positions))
+        if positions > self.cache.capacity:
+            self.cache.grow(self._capacity_for(positions))
             self.graphs.clear()
 
     # ---- the decode step -----------------------------------------------------------------------------------------
-    def _decode(self) -> None:
-        self._ensure(max(self.lengths) + 1)
+    def decode(self, ids: list[int], lengths: list[int]) -> torch.Tensor:
+        """One step: the request in row slots[r] feeds ids[r] at position lengths[r]; returns logits (R, V)."""
+        self._ensure(max(lengths) + 1)
         top = max(self.slots) + 1
         fixed = self.cuda_graphs or self.compiled  # a graph per size: keep to the capture sizes
         b = next(s for s in self.sizes if s >= top) if fixed else top
-        ids, pos = [0] * b, [0] * b
-        for s, t, n in zip(self.slots, self.next_ids, self.lengths, strict=True):
-            ids[s], pos[s] = t, n  # row s feeds its last token at its real position
-        ids_t = torch.tensor(ids, device=self.device)
-        pos_t = torch.tensor(pos, device=self.device)
+        step_ids, step_pos = [0] * b, [0] * b
+        for s, t, n in zip(self.slots, ids, lengths, strict=True):
+            step_ids[s], step_pos[s] = t, n  # row s feeds its last token at its real position
+        ids_t = torch.tensor(step_ids, device=self.device)
+        pos_t = torch.tensor(step_pos, device=self.device)
         logits = self._replay(ids_t, pos_t) if self.cuda_graphs else self._call(ids_t, pos_t)  # (b, V)
-        self.lengths = [n + 1 for n in self.lengths]
-        self._sample(logits[torch.tensor(self.slots, device=self.device)], list(range(len(self.running))))
+        return logits[torch.tensor(self.slots, device=self.device)]
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One decode step of rows 0 .. b - 1: ids, pos long (b,) -> next-token logits (b, V). No host reads."""
-        lm, cache = self.lm, self.slot_cache
-        x = lm.model.embed_tokens(ids[:, None])  # (b, 1, D)
-        masks = cache.begin(pos)
-        phases = rope_phases(pos[:, None], self.inv_freq)  # (b, 1, D/2)
-        for layer in lm.model.layers:
-            x, _ = layer(x, phases, pos[:, None], masks[layer.chunked], cache)
-        return lm.lm_head(lm.model.norm(x))[:, -1]  # (b, V)
+        """One decode step of rows 0 .. b - 1 as one model call: ids, pos long (b,) -> next-token logits (b, V).
+        Nothing is read back to the host: the ids are embedded here because the model's own range check on
+        input_ids reads them (the sampler's ids are in range by construction)."""
+        x = self.decoder.model.embed_tokens(ids[:, None])  # (b, 1, D)
+        return self.decoder(inputs_embeds=x, position_ids=pos[:, None], cache=self.cache, logits_to_keep=1)[:, -1]
 
     def _call(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The step, compiled if asked; a step torch.compile cannot take whole (e.g. quantized experts, which loop

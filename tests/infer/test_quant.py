@@ -6,7 +6,7 @@ are measured on random-init weights (seed 0), the hardest case for top-1 agreeme
 nearly flat, so small errors flip near-ties that a trained model separates (benchmarks/bench_quant.py measures a
 trained one).
 
-Run: .venv/bin/python -m pytest tests/test_quant.py -q
+Run: .venv/bin/python -m pytest tests/infer/test_quant.py -q
 """
 
 from __future__ import annotations

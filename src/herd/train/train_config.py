@@ -73,6 +73,9 @@ class TrainConfig:
     # --- MoE load balancing ---
     balance: str = "aux_free"  # aux_free (bias update, arXiv:2408.15664) | aux_loss (Switch) | none
     bias_rate: float = 1e-3  # aux_free: bias step per optimizer step
+    # aux_free: share of the planned steps at the end over which the biases decay to zero, so the final model routes
+    # without them and its Hugging Face export is read the same by every engine (herd.formats.hf); 0 keeps them
+    bias_cooldown: float = 0.2
     aux_coef: float = 1e-3  # aux_loss: weight of the Switch loss (transformers' router_aux_loss_coef)
     # --- MetaP, FP8 ---
     metap: bool = False
@@ -112,6 +115,7 @@ class TrainConfig:
             (self.tau > 0, "tau must be > 0"),
             (self.max_doc_chars >= 0, "max_doc_chars must be >= 0"),
             (0 < self.image_weight < 1, "image_weight must be in (0, 1)"),
+            (0 <= self.bias_cooldown <= 1, "bias_cooldown must be in [0, 1]"),
             (self.scene_task in ("caption", "qa", "ground", "mixed", "all"),
              f"scene_task must be caption, qa, ground, mixed or all, got {self.scene_task!r}"),
             (self.image_rows >= 0 and self.image_seq_len > 0 and self.scene_size >= 8,

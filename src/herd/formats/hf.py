@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint format <-> herd: the one place where names, layouts and config keys are mapped.
+"""Hugging Face checkpoint format <-> herd: the one place where names, layouts, config keys and sidecars are mapped.
 
 Because herd's modules carry the checkpoint's names, the tensor mapping is a prefix rule:
 - `Llama4ForCausalLM` files: `model.layers.{i}...`, `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight`
@@ -12,6 +12,17 @@ Loading streams: the model is built on the meta device, allocated once at the ta
 is read from the memory-mapped safetensors file and copied into place, so peak memory is the model plus one tensor.
 Pickle files (`.bin`, `.pt`) are read only with `torch.load(weights_only=True)`, which refuses arbitrary objects.
 
+Router selection biases. herd's default MoE balancing (aux-loss-free, herd.train.balance) trains a bias per router
+that shifts which expert is chosen; Llama 4's Hugging Face format has no place for it (transformers' and vLLM's
+Llama 4 router is a plain linear). herd's trainer therefore decays the biases to zero over the end of a run
+(`bias_cooldown`), so a finished run exports a model that every engine reads as it was evaluated. When a model still
+has non-zero biases (a run stopped early, or `bias_cooldown=0`), `save_pretrained` writes them as extra tensors
+`...feed_forward.router.expert_bias` and warns: herd loads them (the served model is the evaluated one), while
+transformers reports them as unused weights, so the difference is never silent. `expert_bias.json` sidecars of older
+exports are still read.
+
+`generation_config.json` is written here and read here (`generation_defaults`): the server's sampling defaults.
+
 Every problem raises `CheckpointError` naming the file and the tensors concerned.
 """
 
@@ -19,13 +30,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
 from herd.config import ConfigError, Llama4Config, TextConfig, VisionConfig, config_field_names
 from herd.model.build import Model, allocate, build_model
-from herd.model.multimodal import Llama4ForConditionalGeneration
 
 # Keys transformers writes into every config.json that carry no architecture information for herd.
 _GENERIC_KEYS = {
@@ -37,11 +48,18 @@ _GENERIC_KEYS = {
     "add_cross_attention", "finetuning_task", "tokenizer_class", "rope_parameters",
 }
 _VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+BIAS_SUFFIX = ".router.expert_bias"  # a router's selection bias, written only when non-zero (module docstring)
+LEGACY_BIAS_FILE = "expert_bias.json"  # where exports before the biases joined the weights kept them
+GENERATION_KEYS = ("temperature", "top_p", "top_k")  # sampling defaults a generation_config.json may carry
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, corrupt, or does not match its config."""
+
+
+class RoutingWarning(UserWarning):
+    """A saved model routes with selection biases that transformers and vLLM do not read."""
 
 
 # ---- config ----------------------------------------------------------------------------------------------------------
@@ -221,15 +239,22 @@ def iter_tensors(root: str | os.PathLike):
             raise CheckpointError(f"{f.name} is corrupt or truncated: {e}") from e
 
 
-def _text_part(model: Model):
-    return model.language_model if isinstance(model, Llama4ForConditionalGeneration) else model
+def router_biases(model: Model) -> dict[str, torch.Tensor]:
+    """{buffer name: (E,) bias} of every MoE router, e.g. `model.layers.0.feed_forward.router.expert_bias`."""
+    return {n: b for n, b in model.named_buffers() if n.endswith(BIAS_SUFFIX)}
+
+
+def biased(model: Model) -> list[str]:
+    """The routers whose selection bias is not zero (their routing differs without it)."""
+    return [n.removesuffix(BIAS_SUFFIX) for n, b in router_biases(model).items() if bool(b.any())]
 
 
 def load_weights(model: Model, root: str | os.PathLike, strict: bool = True) -> dict:
     """Stream a checkpoint's tensors into `model` (already allocated). Returns a report of what was skipped."""
-    multimodal = isinstance(model, Llama4ForConditionalGeneration)
+    multimodal = model.vision_config is not None
     params = dict(model.named_parameters(remove_duplicate=False))
-    tied = _text_part(model).config.tie_word_embeddings
+    biases = router_biases(model)
+    tied = model.text_config.tie_word_embeddings
     head = "language_model.lm_head.weight" if multimodal else "lm_head.weight"
     loaded, unexpected, mismatched, skipped = set(), [], [], []
     with torch.no_grad():
@@ -238,7 +263,7 @@ def load_weights(model: Model, root: str | os.PathLike, strict: bool = True) -> 
             if name is None:
                 skipped.append(hf)
                 continue
-            p = params.get(name)
+            p = params.get(name, biases.get(name))
             if p is None:
                 unexpected.append(hf)
                 continue
@@ -247,10 +272,31 @@ def load_weights(model: Model, root: str | os.PathLike, strict: bool = True) -> 
                 continue
             p.copy_(t)
             loaded.add(name)
+        if not any(n in loaded for n in biases):
+            _legacy_biases(model, Path(root), biases)
     missing = sorted(n for n in params if n not in loaded and not (tied and n == head))
     if strict and (missing or unexpected or mismatched):
-        raise CheckpointError(_mismatch_message(_text_part(model).config, missing, unexpected, mismatched))
+        raise CheckpointError(_mismatch_message(model.text_config, missing, unexpected, mismatched))
     return {"skipped": skipped, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def _legacy_biases(model: Model, root: Path, biases: dict[str, torch.Tensor]) -> None:
+    """Router biases from an older export's expert_bias.json (names as herd's buffers, lists of floats)."""
+    f = root / LEGACY_BIAS_FILE
+    if not f.is_file():
+        return
+    try:
+        saved = json.loads(f.read_text())
+        values = {k: torch.tensor(v, dtype=torch.float32) for k, v in saved.items()}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{f} is not a valid router-bias file: {e}") from e
+    # the names of the model that was saved: a multimodal run's carry `language_model.`, which a text model lacks
+    values = {next((n for n in (k, "language_model." + k, k.removeprefix("language_model.")) if n in biases), k): v
+              for k, v in values.items()}
+    if set(values) != set(biases) or any(v.shape != biases[k].shape for k, v in values.items()):
+        raise CheckpointError(f"{f} names routers {sorted(values)} that do not match the model's {sorted(biases)}")
+    for k, v in values.items():
+        biases[k].copy_(v)
 
 
 def _mismatch_message(cfg: TextConfig, missing, unexpected, mismatched) -> str:
@@ -288,13 +334,21 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = load_config(root)
-    if text_only and isinstance(cfg, Llama4Config):
+    if text_only:
         cfg = cfg.text_config
     dtype = dtype or _checkpoint_dtype(root)
     model = build_model(cfg, device="meta", dtype=dtype)
     allocate(model, device or "cpu")
     load_weights(model, root)
     return model.eval()
+
+
+def generation_defaults(path: str | os.PathLike) -> dict:
+    """The sampling defaults of a checkpoint's generation_config.json ({} without one): temperature, top_p, top_k."""
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return {}
+    return {k: v for k, v in _read_json(f).items() if k in GENERATION_KEYS}
 
 
 def save_pretrained(model: Model, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
@@ -307,6 +361,14 @@ def save_pretrained(model: Model, path: str | os.PathLike, max_shard_bytes: int 
     sd = {n: p.detach() for n, p in model.named_parameters()}  # tied lm_head appears once (as embed_tokens)
     if dtype is not None:
         sd = {n: t.to(dtype) for n, t in sd.items()}
+    routers = biased(model)
+    if routers:  # kept in float32 whatever the weights' dtype: they decide top-k, where rounding changes choices
+        sd.update({n: b.detach().float() for n, b in router_biases(model).items()})
+        warnings.warn(f"{path}: {len(routers)} MoE router(s) route with non-zero selection biases (e.g. "
+                      f"{routers[0]}), which Llama 4's Hugging Face format has no place for. herd loads them (as "
+                      f"extra '*{BIAS_SUFFIX}' tensors), but transformers and vLLM ignore them and route differently. "
+                      "Finish the run with its bias cooldown (herd.train: bias_cooldown > 0, the default) for an "
+                      "export every engine reads the same", RoutingWarning, stacklevel=2)
     shards, cur, size = [], {}, 0
     for n, t in sd.items():
         b = t.numel() * t.element_size()
@@ -330,9 +392,16 @@ def save_pretrained(model: Model, path: str | os.PathLike, max_shard_bytes: int 
         index.unlink()
     wdtype = dtype or next(iter(sd.values())).dtype
     (root / "config.json").write_text(json.dumps(config_to_hf(model.config, wdtype), indent=2))
-    if isinstance(model, Llama4ForConditionalGeneration):
-        pre = preprocessor_config(model.config.vision_config)
+    if model.vision_config is not None:
+        pre = preprocessor_config(model.vision_config)
         (root / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-    text = _text_part(model).config
+    text = model.text_config
     gen = {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id}
     (root / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))
+    (root / LEGACY_BIAS_FILE).unlink(missing_ok=True)  # the biases, if any, are in the weights now
+
+
+def export(model: Model, tokenizer, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """A complete Hugging Face model directory: weights and config (save_pretrained) and the tokenizer."""
+    save_pretrained(model, path, dtype=dtype)
+    tokenizer.save(path)

@@ -1,6 +1,6 @@
 """Generation with herd's KV cache against transformers' `generate`, and cache invariants.
 
-Run: .venv/bin/python -m pytest tests/test_generate.py -v
+Run: .venv/bin/python -m pytest tests/infer/test_generate.py -v
 """
 
 from __future__ import annotations
@@ -126,3 +126,28 @@ def test_vocab_limit_keeps_ids_beyond_the_tokenizer_out():
         out = herd.generate(model, prompt, 10, temperature=temperature, vocab_limit=2048,
                             generator=torch.Generator().manual_seed(0))
         assert out.shape == (2, 16) and int(out[:, 6:].max()) < 2048
+
+
+def test_generate_samples_with_the_engines_sampler(capsys):
+    """One sampler: herd.generate, `herd generate` and the serving engine draw the same tokens for the same settings
+    (seed, top-k, top-p, min-p, penalties), and a seeded batch row i draws with seed + i, as a request's n choices."""
+    from herd.cli import main
+    from herd.infer.engine import Engine
+    from herd.infer.sampling import SamplingParams
+    from herd.tokenizer import tiny_tokenizer
+
+    # what `herd generate --preset tiny --seed 7` builds: the tiny multimodal model, weights from seed 7
+    model, tok = herd.build_model(herd.multimodal_preset("tiny"), seed=7).eval(), tiny_tokenizer()
+    prompt = torch.randint(3, 900, (24,), generator=torch.Generator().manual_seed(14)).tolist()
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, min_p=0.02, repetition_penalty=1.2,
+                            presence_penalty=0.3, frequency_penalty=0.2, seed=7, max_new_tokens=20, ignore_eos=True)
+    engine = Engine(model, tok)
+    served = [r.output_ids for r in engine.generate([prompt], params)]
+    served.append(engine.generate([prompt], SamplingParams(**{**vars(params), "seed": 8}))[0].output_ids)
+    alone = herd.generate(model, torch.tensor([prompt] * 2), 20, params=params)[:, 24:].tolist()
+    assert alone == served and served[0] != served[1]
+    assert main(["generate", "--preset", "tiny", "--seed", "7", "--prompt-ids", ",".join(map(str, prompt)),
+                 "--max-new-tokens", "20", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--min-p",
+                 "0.02", "--repetition-penalty", "1.2", "--presence-penalty", "0.3", "--frequency-penalty", "0.2",
+                 "--device", "cpu"]) == 0
+    assert f"new ids:    {served[0]}" in capsys.readouterr().out  # (no stop token among them: all 20 printed)

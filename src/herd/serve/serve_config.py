@@ -1,0 +1,73 @@
+"""The server's typed config: everything `herd serve` takes, in one dataclass (as TrainConfig is for training).
+
+herd.cli builds a `ServeConfig` from the command line and herd.serve.build_service loads the model from it; the
+Service keeps it for the limits every request is checked against. `__post_init__` checks the values before any
+weights load, so a bad option fails at once with a ConfigError that names the field, not minutes later (or on the
+first request) inside the engine or uvicorn. What needs the model or the device to check (a quantization group size
+the layer shapes refuse, CUDA graphs on a CPU model) is refused by the code that loads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from herd.config import ConfigError
+from herd.infer.quant import SCHEMES
+
+DTYPES = ("float32", "bfloat16")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names (any case)
+MiB = 2**20
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    # --- the model and where it runs ---
+    model: str  # Hugging Face checkpoint directory, with tokenizer.json
+    name: str | None = None  # the model id in the API (None: the directory's name)
+    device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1 ...
+    dtype: str | None = None  # float32 | bfloat16 (None: the checkpoint's)
+    quantize: str | None = None  # a herd.infer.quant scheme: int8 | int4 | fp8 | fp8-dynamic
+    group_size: int = 128  # int4: input features per scale
+    # --- the engine ---
+    max_batch: int = 32  # requests decoded together
+    compile: bool = False  # decode on a fixed-shape SlotBatch whose step goes through torch.compile
+    cuda_graphs: bool = False  # ... replayed as CUDA graphs (a CUDA device only)
+    warmup: bool = True  # compile / capture every batch size before the server listens
+    # --- HTTP and the limits on a request ---
+    host: str = "127.0.0.1"
+    port: int = 8000
+    media_dir: str | None = None  # the one folder whose image files requests may name by path
+    api_key: str | None = None  # None: no Authorization header needed
+    max_request_bytes: int = 64 * MiB  # a larger request body gets 413
+    max_concurrent: int = 64  # more generations in flight get 429
+    max_images: int = 8  # more images in one request get 400
+    max_image_bytes: int = 20 * MiB  # a larger image (data URL or file) gets 413
+    shutdown_timeout: float = 30.0  # on SIGTERM / Ctrl-C, seconds in-flight requests may still run
+    log_level: str = "warning"  # uvicorn's
+
+    def __post_init__(self) -> None:
+        checks = [
+            (bool(self.model), "model must be a checkpoint directory"),
+            (bool(self.device), "device must be auto, cpu, cuda, cuda:1 ..."),
+            (self.dtype is None or self.dtype in DTYPES,
+             f"dtype must be one of {DTYPES} (or unset for the checkpoint's), got {self.dtype!r}"),
+            (self.quantize is None or self.quantize in SCHEMES,
+             f"quantize must be one of {tuple(SCHEMES)} (or unset), got {self.quantize!r}"),
+            (self.group_size > 0, f"group_size must be a positive int, got {self.group_size}"),
+            (self.max_batch > 0, f"max_batch must be a positive int, got {self.max_batch}"),
+            (0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}"),
+            (self.max_request_bytes > 0, f"max_request_bytes must be positive, got {self.max_request_bytes}"),
+            (self.max_concurrent > 0, f"max_concurrent must be a positive int, got {self.max_concurrent}"),
+            (self.max_images >= 0, f"max_images must be >= 0 (0: no images), got {self.max_images}"),
+            (self.max_image_bytes > 0, f"max_image_bytes must be positive, got {self.max_image_bytes}"),
+            (self.shutdown_timeout >= 0, f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}"),
+            (self.log_level.lower() in LOG_LEVELS,
+             f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    def replace(self, **kw) -> ServeConfig:
+        return dataclasses.replace(self, **kw)
