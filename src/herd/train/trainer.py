@@ -25,7 +25,8 @@ decoder, Hugging Face `Llama4ForConditionalGeneration` layout); each micro-batch
 chat rows with their images. The objective is (1 - image_weight) x the mean loss over the text targets +
 image_weight x the mean over the answer tokens: answers are a few tokens against a thousand of text per step, and
 in one plain mean they would weigh ~2% of it. Validation reports `val_image_loss` over fixed held-out chats next to
-the text `val_loss` / `val_bpb`, which stay text-only so runs with and without images compare. A distillation teacher sees the text rows only.
+the text `val_loss` / `val_bpb`, which stay text-only so runs with and without images compare. A distillation
+teacher sees the text rows only.
 
 A non-finite loss or gradient norm stops the run before the weights are touched, with a `TrainingDiverged` error
 naming the last good checkpoint (none is written after the failure).
