@@ -75,6 +75,7 @@ def test_herd_train_under_torchrun_checkpoints_resumes_and_exports(tmp_path):
         proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=300, env=env,
                               cwd=Path(__file__).parents[2])
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.stdout.count("done: step") == 1  # rank 0 speaks for the run
     assert "resumed from" in proc.stdout
     state = ckpt.load(ckpt.latest(out / "ckpt"), ("state",))["state"]
     assert state["step"] == 4 and len(state["data"]) == 2  # each rank's data position is kept

@@ -102,10 +102,10 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Destroy the process group (call at the end of a run so torchrun exits cleanly). A barrier first, so that no
-    rank tears its connections down while a peer may still be finishing the last collective: one run in about 20 of
-    tests/train/test_distributed.py on gloo ended with a rank aborting (SIGABRT, "terminate called without an active
-    exception"); the cause was not pinned down."""
+    """Destroy the process group at the end of a run, so torchrun's ranks exit cleanly. A rank that exits with its
+    gloo group alive aborts now and then in the group's teardown (SIGABRT, "terminate called without an active
+    exception"). A barrier first, so that no rank tears its connections down while a peer is still finishing the
+    last collective."""
     if _active():
         dist.barrier()
         dist.destroy_process_group()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -124,6 +125,7 @@ def build_config(args):
 
 def run_train(args) -> int:
     from herd.config import ConfigError
+    from herd.train.distributed import cleanup
     from herd.train.trainer import TrainingDiverged, train
 
     try:
@@ -131,9 +133,11 @@ def run_train(args) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
     what = "mid-training" if args.stage == "midtrain" else "training"
-    print(f"{what} {cfg.init or cfg.model} -> {cfg.out_dir}: {cfg.stop_step} steps of {cfg.batch_size}x"
-          f"{cfg.seq_len} tokens x {cfg.grad_accum}, {cfg.dtype}, lr {cfg.lr} ({cfg.schedule})", flush=True)
+    if main:
+            print(f"{what} {cfg.init or cfg.model} -> {cfg.out_dir}: {cfg.stop_step} steps of {cfg.batch_size}x"
+              f"{cfg.seq_len} tokens x {cfg.grad_accum}, {cfg.dtype}, lr {cfg.lr} ({cfg.schedule})", flush=True)
     try:
         summary = train(cfg, resume=resume)
     except TrainingDiverged as e:
@@ -142,6 +146,9 @@ def run_train(args) -> int:
     except (FileExistsError, FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cleanup()  # end the process group before exit: a gloo rank torn down with it alive can abort (SIGABRT)
+    if not main:
+        return 0
     val = f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
     bpb = f", {summary['val_bpb']:.4f} bits/byte" if summary.get("val_bpb") is not None else ""
     print(f"done: step {summary['step']}{val}{bpb} in {summary['time_s']:.0f}s; checkpoint {summary['checkpoint']}"
