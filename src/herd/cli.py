@@ -75,7 +75,7 @@ def _load(args):
     device = _device(args.device)
     if args.model:
         model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
-        has_tok = (Path(args.model) / "tokenizer.json").is_file()
+        has_tok = (Path(args.model) / "tokenizer.json").exists()  # a FIFO or directory there is refused, not skipped
         tok = Tokenizer.from_pretrained(args.model) if has_tok else None
     else:
         model = build_model(multimodal_preset(args.preset), seed=args.seed, device=device)
@@ -216,7 +216,12 @@ def cmd_serve(args) -> int:
         model=args.model, name=args.name, host=args.host, port=args.port, device=_device(args.device),
         dtype=args.dtype, quantize=args.quantize, group_size=args.group_size, max_batch=args.max_batch,
         compile=args.compile, cuda_graphs=args.cuda_graphs, media_dir=args.media_dir,
-        api_key=args.api_key or os.environ.get("HERD_API_KEY"), max_request_bytes=args.max_request_mb * 2**20,
+        # `is None`, not `or`: an empty --api-key must reach ServeConfig's check, not silently mean "no key"
+        api_key=args.api_key if args.api_key is not None else os.environ.get("HERD_API_KEY"),
+        allowed_origins=None if args.allowed_origins is None else tuple(
+            o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+        max_request_bytes=args.max_request_mb * 2**20, max_image_pixels=int(args.max_image_mp * 1e6),
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_connections=args.max_connections,
         max_concurrent=args.max_concurrent, max_images=args.max_images,
         max_image_bytes=int(args.max_image_mb * 2**20), shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level)
@@ -225,7 +230,7 @@ def cmd_serve(args) -> int:
     except ValueError as e:  # e.g. a quantization the model's shapes refuse (the message names the layers)
         raise UsageError(str(e)) from None
     print(f"serving {service.name!r} on http://{cfg.host}:{cfg.port}/v1 (OpenAI API)", flush=True)
-    serve(create_app(service), service.worker, cfg.host, cfg.port, cfg.log_level, cfg.shutdown_timeout)
+    serve(create_app(service), service.worker, cfg)
     return 0
 
 
@@ -288,11 +293,21 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--compile", action="store_true",
                     help="fixed-shape decode step through torch.compile (every batch size compiled at start)")
     sp.add_argument("--media-dir", default=None, help="folder whose image files requests may name by path")
-    sp.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set HERD_API_KEY)")
+    sp.add_argument("--api-key", default=None,
+                    help="require Authorization: Bearer KEY on the /v1 routes (or set HERD_API_KEY); not empty")
     sp.add_argument("--max-request-mb", type=int, default=64, help="larger request bodies get 413")
     sp.add_argument("--max-concurrent", type=int, default=64, help="more generations in flight get 429")
     sp.add_argument("--max-images", type=int, default=8, help="more images in one request get 400")
     sp.add_argument("--max-image-mb", type=float, default=20, help="a larger image (data URL or file) gets 413")
+    sp.add_argument("--max-image-mp", type=float, default=32,
+                    help="megapixels of all images in one request (read from their headers); more gets 413")
+    sp.add_argument("--allowed-origins", default=None, metavar="ORIGIN[,ORIGIN]",
+                    help="web origins (https://app.example) whose pages may call the API (CORS; default: none)")
+    sp.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a request's headers may take to arrive before the connection is dropped")
+    sp.add_argument("--body-timeout", type=float, default=30.0,
+                    help="seconds a request's body may take (longer for large bodies) before it is dropped")
+    sp.add_argument("--max-connections", type=int, default=512, help="open connections; more requests get 503")
     sp.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGTERM/Ctrl-C, seconds in-flight requests may still run before they are cancelled")
     sp.add_argument("--log-level", default="warning")
@@ -304,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from herd.config import ConfigError
     from herd.formats.hf import CheckpointError
+    from herd.tokenizer import TokenizerError
 
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError, UsageError) as e:
+    except (CheckpointError, ConfigError, TokenizerError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

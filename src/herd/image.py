@@ -82,15 +82,35 @@ def load_image(src: ImageSource) -> Image.Image:
     if isinstance(src, str) and src.startswith(("http://", "https://")):
         raise ImageError(f"remote image {src[:80]!r}: herd does not fetch URLs; download it and pass the bytes")
     if isinstance(src, str | Path):
-        what = f"image file {str(src)!r}"
-        if not Path(src).is_file():
-            raise ImageError(f"{what} does not exist (or is not a file)")
-        try:
-            data = Path(src).read_bytes()
-        except OSError as e:
-            raise ImageError(f"{what} cannot be read ({e})") from e
-        return _decode(data, what)
+        return _decode(*_read_file(src))
     raise ImageError(f"unsupported image source of type {type(src).__name__}: pass PIL, bytes, a path or a data URL")
+
+
+def image_size(src: str | Path | bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image (bytes, a file path or a data URL) from its header alone, without decoding
+    a pixel: what a server budgets before it lets `load_image` allocate the pixels. Same errors as `load_image`."""
+    if isinstance(src, str) and src.startswith("data:"):
+        data, what = _data_url_bytes(src), "data URL"
+    elif isinstance(src, str | Path):
+        data, what = _read_file(src)
+    else:
+        data, what = bytes(src), "image bytes"
+    if not data:
+        raise ImageError(f"{what}: empty, no image data")
+    with _pillow_errors(what), Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
+        _check_size(img.size, what)
+        return img.size
+
+
+def _read_file(path: str | Path) -> tuple[bytes, str]:
+    """(the bytes of an image file, how to name it in an error)."""
+    what = f"image file {str(path)!r}"
+    if not Path(path).is_file():
+        raise ImageError(f"{what} does not exist (or is not a file)")
+    try:
+        return Path(path).read_bytes(), what
+    except OSError as e:
+        raise ImageError(f"{what} cannot be read ({e})") from e
 
 
 def _data_url_bytes(url: str) -> bytes:

@@ -26,8 +26,9 @@ import codecs
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import tokenizers
@@ -94,6 +95,33 @@ def _bytes_to_unicode() -> list[str]:
     return out
 
 
+class TokenizerError(ValueError):
+    """A checkpoint's tokenizer files are missing or malformed (the message names the file)."""
+
+
+def _regular(f: Path) -> Path:
+    """`f` if it is a regular file; checked before opening, since a FIFO in its place would block the read forever."""
+    try:
+        mode = os.stat(f).st_mode
+    except FileNotFoundError:
+        raise TokenizerError(f"{f.parent} has no {f.name}: copy the checkpoint's tokenizer files into it") from None
+    except OSError as e:
+        raise TokenizerError(f"{f} cannot be read: {e}") from e
+    if not stat.S_ISREG(mode):
+        raise TokenizerError(f"{f} is not a regular file (a FIFO, device or directory)")
+    return f
+
+
+def _read_config(f: Path) -> dict:
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{f} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise TokenizerError(f"{f} must hold a JSON object")
+    return cfg
+
+
 class Tokenizer:
     """A Llama 4 tokenizer over a `tokenizers.Tokenizer` (real checkpoint or trained here)."""
 
@@ -123,18 +151,26 @@ class Tokenizer:
     # ---- loading and saving ----------------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kw) -> Tokenizer:
-        """A tokenizer.json file."""
-        return cls(tokenizers.Tokenizer.from_file(str(path)), **kw)
+        """A tokenizer.json file. A missing, unreadable or malformed file raises TokenizerError naming it."""
+        f = _regular(Path(path))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(f))
+        except Exception as e:  # the Rust side raises plain Exceptions for bad JSON and unknown layouts
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise TokenizerError(f"{f} is not a valid tokenizer.json ({why}): replace it with the checkpoint's "
+                                 "tokenizer.json") from e
+        try:
+            return cls(tok, **kw)
+        except ValueError as e:  # e.g. no <|begin_of_text|> among its special tokens
+            raise TokenizerError(f"{f}: {e}") from e
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
         """A checkpoint directory: tokenizer.json, plus bos/eos/pad/model_max_length from tokenizer_config.json."""
         root = Path(path)
-        if not (root / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{root} has no tokenizer.json")
         kw = {}
         cfg_file = root / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        cfg = _read_config(_regular(cfg_file)) if os.path.lexists(cfg_file) else {}
         for key in ("bos_token", "eos_token", "pad_token"):
             v = cfg.get(key)
             if isinstance(v, dict):  # older files store AddedToken dicts
@@ -212,7 +248,18 @@ class Tokenizer:
         return [[self.bos_id] + ids for ids in out] if bos else out
 
     def _plain(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids if text else []
+        # encode_batch, not encode: the tokenizers binding lets go of the GIL in encode_batch only, so a server thread
+        # tokenizing a long prompt leaves the event loop (and every other request) running meanwhile.
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids if text else []
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The longest BPE token, in bytes. Byte-level BPE with no normalizer (Llama 4's) splits the UTF-8 bytes
+        of plain text into tokens of at most this many bytes, so n bytes are at least n / max_token_bytes tokens: a
+        bound that refuses an over-long prompt before tokenizing it."""
+        table = _byte_decoder()
+        return max((len(s) if all(c in table for c in s) else len(s.encode())
+                    for s in self._tok.get_vocab(with_added_tokens=False)), default=1)
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)

@@ -23,7 +23,9 @@ exports are still read.
 
 `generation_config.json` is written here and read here (`generation_defaults`): the server's sampling defaults.
 
-Every problem raises `CheckpointError` naming the file and the tensors concerned.
+Every problem raises `CheckpointError` naming the file and the tensors concerned; herd.formats.hf_integrity holds
+what is checked before and while loading (weight files stay inside the directory and are regular files, the index is
+well formed, one file per tensor, floating weights have floating dtypes, no NaN/inf, the model fits in memory).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from pathlib import Path
 import torch
 
 from herd.config import ConfigError, Llama4Config, TextConfig, VisionConfig, config_field_names
+from herd.formats import hf_integrity as integrity
+from herd.formats.hf_integrity import CheckpointError
 from herd.model.build import Model, allocate, build_model
 
 # Keys transformers writes into every config.json that carry no architecture information for herd.
@@ -52,10 +56,6 @@ BIAS_SUFFIX = ".router.expert_bias"  # a router's selection bias, written only w
 LEGACY_BIAS_FILE = "expert_bias.json"  # where exports before the biases joined the weights kept them
 GENERATION_KEYS = ("temperature", "top_p", "top_k")  # sampling defaults a generation_config.json may carry
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing, corrupt, or does not match its config."""
 
 
 class RoutingWarning(UserWarning):
@@ -193,34 +193,37 @@ def herd_name(hf_name: str, multimodal: bool) -> str | None:
 
 
 def _weight_files(root: Path) -> tuple[str, list[Path]]:
+    """The weight files, each a regular file inside `root` (hf_integrity.regular_file), never opened before that."""
     index = root / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-        files = sorted({root / f for f in wm.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index.name} names shard files that do not exist: {missing}")
-        return "safetensors", files
+    if integrity.exists(index):
+        return "safetensors", integrity.read_index(index, root)
     single = root / "model.safetensors"
-    if single.is_file():
-        return "safetensors", [single]
+    if integrity.exists(single):
+        return "safetensors", [integrity.regular_file(single, root)]
     shards = sorted(root.glob("*.safetensors"))
     if shards:
-        return "safetensors", shards
+        return "safetensors", [integrity.regular_file(f, root) for f in shards]
     pickles = sorted(root.glob("*.bin")) + sorted(root.glob("*.pt")) + sorted(root.glob("*.pth"))
     if pickles:
-        return "pickle", pickles
+        return "pickle", [integrity.regular_file(f, root) for f in pickles]
     raise CheckpointError(f"{root} holds no weights (no *.safetensors, model.safetensors.index.json or *.bin)")
 
 
 def iter_tensors(root: str | os.PathLike):
-    """Yield (checkpoint name, tensor) one at a time from every weight file of a checkpoint directory."""
+    """Yield (checkpoint name, tensor) one at a time from every weight file of a checkpoint directory. A name in two
+    files is refused (with files read in order, the last would silently win)."""
     from safetensors import SafetensorError, safe_open
 
     kind, files = _weight_files(Path(root))
+    seen: dict[str, str] = {}
+
+    def once(name: str, f: Path) -> str:
+        if name in seen:
+            raise CheckpointError(f"tensor {name} is in both {seen[name]} and {f.name}: a checkpoint holds each "
+                                  "tensor once; remove the stale shard (or fix the index)")
+        seen[name] = f.name
+        return name
+
     for f in files:
         if kind == "pickle":
             try:  # weights_only: tensors and plain containers only, never arbitrary code
@@ -229,12 +232,13 @@ def iter_tensors(root: str | os.PathLike):
                 raise CheckpointError(f"{f.name}: refused or unreadable as a weights-only pickle: {e}") from e
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{f.name} does not hold a state dict")
-            yield from sd.items()
+            for name, t in sd.items():
+                yield once(name, f), t
             continue
         try:
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for name in sf.keys():
-                    yield name, sf.get_tensor(name)
+                    yield once(name, f), sf.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{f.name} is corrupt or truncated: {e}") from e
 
@@ -249,9 +253,11 @@ def biased(model: Model) -> list[str]:
     return [n.removesuffix(BIAS_SUFFIX) for n, b in router_biases(model).items() if bool(b.any())]
 
 
-def load_weights(model: Model, root: str | os.PathLike, strict: bool = True) -> dict:
-    """Stream a checkpoint's tensors into `model` (already allocated). Returns a report of what was skipped."""
+def load_weights(model: Model, root: str | os.PathLike, strict: bool = True, check_finite: bool = True) -> dict:
+    """Stream a checkpoint's tensors into `model` (already allocated). Returns a report of what was skipped.
+    Each tensor's dtype is checked before it is copied, and (check_finite) its values after (hf_integrity)."""
     multimodal = model.vision_config is not None
+    declared = _declared_dtype(Path(root))
     params = dict(model.named_parameters(remove_duplicate=False))
     biases = router_biases(model)
     tied = model.text_config.tie_word_embeddings
@@ -270,7 +276,10 @@ def load_weights(model: Model, root: str | os.PathLike, strict: bool = True) -> 
             if tuple(t.shape) != tuple(p.shape):
                 mismatched.append(f"{hf}: checkpoint {tuple(t.shape)} vs model {tuple(p.shape)}")
                 continue
+            integrity.check_dtype(hf, t.dtype, p.dtype, declared)
             p.copy_(t)
+            if check_finite:
+                integrity.check_finite(hf, p, t)
             loaded.add(name)
         if not any(n in loaded for n in biases):
             _legacy_biases(model, Path(root), biases)
@@ -316,30 +325,42 @@ def _mismatch_message(cfg: TextConfig, missing, unexpected, mismatched) -> str:
            f"experts, hidden {cfg.hidden_size}): " + "; ".join(parts) + hint
 
 
-def _checkpoint_dtype(root: Path) -> torch.dtype:
-    try:
-        d = json.loads((root / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+def _declared_dtype(root: Path) -> torch.dtype | None:
+    """The weights' dtype config.json declares (torch_dtype, or transformers v5's dtype); None without one."""
+    f = root / "config.json"
+    try:  # is_file: never open a FIFO
+        d = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         d = {}
-    text = d.get("text_config") or {}
+    text = d.get("text_config") if isinstance(d, dict) else None
+    text = text if isinstance(text, dict) else {}
     name = d.get("torch_dtype") or d.get("dtype") or text.get("torch_dtype") or text.get("dtype")
-    return _DTYPES.get(name, torch.float32)
+    return _DTYPES.get(name) if isinstance(name, str) else None
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None, text_only: bool = False) -> Model:
+                    device: str | torch.device | None = None, text_only: bool = False,
+                    check_finite: bool = True) -> Model:
     """Load a Hugging Face Llama 4 checkpoint directory: `Llama4ForConditionalGeneration` files give the multimodal
-    model (or, with text_only=True, just its language model), `Llama4ForCausalLM` files the text model."""
+    model (or, with text_only=True, just its language model), `Llama4ForCausalLM` files the text model.
+    check_finite=False skips the NaN/inf test of each weight (to inspect a damaged checkpoint)."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = load_config(root)
     if text_only:
         cfg = cfg.text_config
-    dtype = dtype or _checkpoint_dtype(root)
+    dtype = dtype or _declared_dtype(root) or torch.float32
+    device = device or "cpu"
+    integrity.check_memory(cfg, dtype, device, f"{path}")  # before allocating: an absurd config is named, not OOM'd
     model = build_model(cfg, device="meta", dtype=dtype)
-    allocate(model, device or "cpu")
-    load_weights(model, root)
+    try:
+        allocate(model, device)
+    except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's "can't allocate memory"
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: allocating the model on {device} failed ({why}); it "
+                              f"needs {integrity.weight_bytes(cfg, dtype):,} bytes of weights") from e
+    load_weights(model, root, check_finite=check_finite)
     return model.eval()
 
 

@@ -23,9 +23,11 @@ herd.infer.slot_batch.SlotBatch (a fixed-shape row per request: torch.compile an
   Finished or cancelled rows leave the batch at once (`keep`). Ids the tokenizer lacks (a padded model vocabulary)
   and a multimodal model's image placeholder are never sampled: a generated `<|patch|>` would have no image feature
   behind it.
-- A request whose input fails in the model while it is admitted (its group is then retried one by one) ends alone
-  with finish_reason "error" and its message in `req.error`; the batch goes on. `fail_all` ends everything (a server
-  calls it when a step itself raised).
+- A request whose input fails in the model while it is admitted (its group is then retried one by one), or whose
+  row fails in sampling (the batch's draw is then retried row by row), its stop checker or its callback, ends alone
+  with finish_reason "error" and its message in `req.error`; the batch goes on. A failure that no row can be blamed
+  for (the model's decode step) leaves the batch's state unknown: `step` raises, and `fail_all` ends everything (a
+  server calls it when a step itself raised).
 
 Use:
     engine = Engine(model, tokenizer)    # or Engine(model, tokenizer, layout=SlotBatch(model, 8, compile=True))
@@ -45,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from herd.infer.padded_batch import PaddedBatch
-from herd.infer.sampling import SamplingParams, make_generator, never_sampled, sample
+from herd.infer.sampling import SampleOutput, SamplingParams, make_generator, never_sampled, sample
 from herd.infer.stops import StopChecker
 from herd.model.cache import KVCache
 
@@ -160,7 +162,10 @@ class Engine:
         if not req.finished:
             req.finish_reason, req.error = "error", message
             if req.on_delta is not None:
-                req.on_delta(req, "")
+                try:
+                    req.on_delta(req, "")
+                except Exception:  # its consumer failed too (maybe why it failed): it has ended either way
+                    pass
 
     @property
     def busy(self) -> bool:
@@ -265,27 +270,52 @@ class Engine:
         if len(keep) < len(self.running):
             self._drop(keep)
 
+    def _draw(self, logits: torch.Tensor, reqs: list[Request]) -> list[tuple[SampleOutput, int] | None]:
+        """Each row's (sample output, its row there): one batched draw; if that raises, each row alone, so that a
+        row whose own settings fail (a processor that overflows, a bias the vocabulary lacks) ends alone with
+        "error" (None here) and the others go on. (A seeded row then draws again, from its own generator.)"""
+        try:
+            out = sample(logits, [q.params for q in reqs], [q.generator for q in reqs],
+                         [q.prompt_ids for q in reqs], [q.output_ids for q in reqs])
+            return [(out, i) for i in range(len(reqs))]
+        except Exception:
+            picks: list[tuple[SampleOutput, int] | None] = []
+        for i, q in enumerate(reqs):
+            try:
+                picks.append((sample(logits[i:i + 1], [q.params], [q.generator], [q.prompt_ids], [q.output_ids]), 0))
+            except Exception as e:
+                self._fail(q, f"sampling failed: {type(e).__name__}: {e}")
+                picks.append(None)
+        return picks
+
     def _deliver(self, rows: list[int], reqs: list[Request], logits: torch.Tensor) -> None:
-        out = sample(logits, [q.params for q in reqs], [q.generator for q in reqs],
-                     [q.prompt_ids for q in reqs], [q.output_ids for q in reqs])
-        for i, (r, q) in enumerate(zip(rows, reqs, strict=True)):
-            if q.finished:  # cancelled from an earlier row's callback in this loop
+        """Give each row its token: what fails for one row here (sampling, its stop checker, its callback) ends that
+        row's request alone."""
+        for r, q, pick in zip(rows, reqs, self._draw(logits, reqs), strict=True):
+            if q.finished or pick is None:  # cancelled from an earlier row's callback in this loop, or failed
                 continue
-            t = int(out.tokens[i])
-            q.output_ids.append(t)
-            if q.params.logprobs:
-                k = q.params.top_logprobs
-                q.logprobs.append({"token": t, "logprob": float(out.logprobs[i]),
-                                   "top": list(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist(),
-                                                   strict=True))})
-            delta = q.checker.add(t)
-            if not q.checker.finished and self.lengths[r] + 1 >= self.cfg.max_position_embeddings:
-                delta += q.checker.finish("length")  # the context is full
-            if q.checker.finished:
-                q.finish_reason = q.checker.finish_reason
-            self.next_ids[r] = t
-            if q.on_delta is not None:  # every token, also one whose text is held back (""): logprobs stream too
-                q.on_delta(q, delta)
+            try:
+                self._take(r, q, *pick)
+            except Exception as e:
+                self._fail(q, f"{type(e).__name__}: {e}")
+
+    def _take(self, r: int, q: Request, out: SampleOutput, i: int) -> None:
+        """Row r's next token, row i of `out`: its logprobs, stops and streamed text."""
+        t = int(out.tokens[i])
+        q.output_ids.append(t)
+        if q.params.logprobs:
+            k = q.params.top_logprobs
+            q.logprobs.append({"token": t, "logprob": float(out.logprobs[i]),
+                               "top": list(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist(),
+                                               strict=True))})
+        delta = q.checker.add(t)
+        if not q.checker.finished and self.lengths[r] + 1 >= self.cfg.max_position_embeddings:
+            delta += q.checker.finish("length")  # the context is full
+        if q.checker.finished:
+            q.finish_reason = q.checker.finish_reason
+        self.next_ids[r] = t
+        if q.on_delta is not None:  # every token, also one whose text is held back (""): logprobs stream too
+            q.on_delta(q, delta)
 
     def _drop(self, keep: list[int]) -> None:
         """Keep only running rows `keep` (the layout frees the others' rows)."""

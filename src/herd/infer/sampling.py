@@ -39,6 +39,7 @@ import torch
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a lower temperature is greedy (dividing by it would overflow the logits)
 MAX_STOP_STRINGS = 4  # OpenAI's limit on `stop`
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on `top_logprobs`
+MAX_TOP_K = 2**31 - 1  # past any vocabulary; a larger int would overflow the (B,) long column top-k is given as
 
 
 def _is_number(x: object) -> bool:
@@ -83,14 +84,15 @@ class SamplingParams:
         check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         if self.top_k in (0, -1):
             object.__setattr__(self, "top_k", None)
-        check(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1), "top_k",
-              "None, 0 or -1 (off), or an int >= 1")
+        check(self.top_k is None or (_is_int(self.top_k) and 1 <= self.top_k <= MAX_TOP_K), "top_k",
+              f"None, 0 or -1 (off), or an int in [1, {MAX_TOP_K}]")
         check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
         check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
               "a number > 0 (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             check(_is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "a number in [-2, 2]")
-        check(self.seed is None or _is_int(self.seed), "seed", "None or an int")
+        check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64), "seed",
+              "None or an int in [-2**63, 2**64) (what torch.Generator.manual_seed takes)")
         check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an int >= 1")
         # Stored as tuples (None, as OpenAI's null, means none) so a frozen params object cannot change.
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()))

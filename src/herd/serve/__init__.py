@@ -25,8 +25,7 @@ def build_service(cfg: ServeConfig) -> Service:
     from herd.tokenizer import Tokenizer
 
     root = Path(cfg.model)
-    if not (root / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{root} has no tokenizer.json: the server needs the checkpoint's tokenizer")
+    tok = Tokenizer.from_pretrained(root)  # first: a missing or malformed tokenizer.json fails before the weights load
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     model = from_pretrained(root, dtype=dtype, device=device).eval()
@@ -34,7 +33,6 @@ def build_service(cfg: ServeConfig) -> Service:
         from herd.infer.quant import describe, quantize_scheme
 
         print(describe(quantize_scheme(model, cfg.quantize, cfg.group_size)), flush=True)
-    tok = Tokenizer.from_pretrained(root)
     defaults = generation_defaults(root)
     layout = None
     if cfg.cuda_graphs or cfg.compile:

@@ -9,10 +9,15 @@ request (n choices each, in order), tools (parsed from the output by herd.tools)
 URLs; file paths only inside the operator's `media_dir`), and vLLM's extras `top_k`, `min_p`, `repetition_penalty`,
 `ignore_eos`, `stop_token_ids` (the openai client sends them through `extra_body`). Errors use OpenAI's shape
 {"error": {"message", "type", "param", "code"}} with the matching status, and a bad request never takes the server
-down. A `response_format` other than text, and tool_choice "required", need constrained decoding, which herd does
+down. Every body is read as JSON only with `Content-Type: application/json` (415 otherwise: any web page can make a
+browser send a text/plain POST, with no CORS preflight) and validated against herd.serve.schemas (400 that
+names the field), which /openapi.json shows. 404 and 405 are OpenAI-shaped too, and any exception a route still lets
+escape becomes a 500 in that shape on a connection that stays open.
+A `response_format` other than text, and tool_choice "required", need constrained decoding, which herd does
 not do: they get 400 rather than being silently ignored. A client that disconnects mid-stream cancels its requests.
 A generation that fails inside the engine answers 500 (type "server_error"; in a stream, an error event before
-`data: [DONE]`) and the server goes on. A request cancelled by a graceful shutdown ends with finish_reason
+`data: [DONE]`) and the server goes on; a stream that fails after its 200 for any other reason ends the same way, and
+its generations are cancelled. A request cancelled by a graceful shutdown ends with finish_reason
 "cancelled".
 
 The routes are module-level functions on an APIRouter. Each finds the Service (herd.serve.service: the checks, the
@@ -25,19 +30,32 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from herd.serve import schemas
+from herd.serve.schemas import ChatCompletionRequest, CompletionRequest
 from herd.serve.service import APIError, Service
 from herd.tools import ToolCallStreamParser, finish_reason, parse_tool_calls
 
+log = logging.getLogger("herd.serve")
+
 DRAIN_BYTES = 64 * 2**20  # how much of an oversized body is read and dropped so that its sender sees the 413
 PAGE = Path(__file__).parent / "static" / "index.html"
+
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
 
 router = APIRouter()
 
@@ -47,7 +65,15 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     app.state.page = PAGE.read_text()
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
+    app.add_middleware(CatchAll)
     app.include_router(router)
+    app.openapi = lambda: _openapi(app)
+    if service.config.allowed_origins:  # else no CORS headers at all: pages of other origins cannot read answers
+        app.add_middleware(CORSMiddleware, allow_origins=list(service.config.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
     return app
 
 
@@ -55,9 +81,75 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
+async def _client_gone(request: Request, e: ClientDisconnect) -> Response:
+    """The client left (or herd.serve.server dropped it as too slow) while its body was being read: nobody is left
+    to answer, and it is no server error."""
+    return Response(status_code=499)
+
+
 async def _api_error(request: Request, e: APIError) -> JSONResponse:
     _service(request).metrics.count_error()
     return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    """Starlette's 404 / 405 (and any other HTTPException) in OpenAI's shape instead of {"detail": ...}."""
+    where = f"{request.method} {request.url.path}"
+    text = {404: f"there is no route {where}; the API is under /v1 (its routes are listed in /openapi.json)",
+            405: f"{where} is not allowed; allowed: {(e.headers or {}).get('allow', 'see /openapi.json')}"}
+    err = APIError(e.status_code, text.get(e.status_code, str(e.detail)), code="not_found" if e.status_code == 404
+                   else None)
+    return JSONResponse(err.body(), status_code=e.status_code, headers=e.headers)
+
+
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    return await _api_error(request, APIError(400, f"bad request: {e.errors()[0]['msg']}"))
+
+
+class CatchAll:
+    """ASGI middleware: an exception that escapes a route before its response started becomes OpenAI's 500. Not
+    Starlette's handler for Exception: its ServerErrorMiddleware re-raises after answering, and uvicorn closes a
+    connection whose application raised, so the client's next request on that keep-alive connection would fail."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as e:
+            if started:  # half a response is out: only closing the connection can end it
+                raise
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            scope["app"].state.service.metrics.count_error()
+            err = APIError(500, f"the server failed on this request ({type(e).__name__}); its log has the details",
+                           code="internal_error", kind="server_error")
+            await JSONResponse(err.body(), status_code=500)(scope, receive, send)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the two request bodies: the routes read their bodies themselves (to bound the size and
+    check the Content-Type before parsing), so FastAPI cannot see them."""
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        shared = spec.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in BODIES.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            shared.update(schema.pop("$defs", {}))
+            shared[model.__name__] = schema
+            spec["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = spec
+    return app.openapi_schema
 
 
 # ---- routes ----------------------------------------------------------------------------------------------------------
@@ -115,16 +207,25 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _body(request: Request, svc: Service) -> dict:
+async def _body(request: Request, svc: Service, model: type[schemas.RequestBody]) -> schemas.RequestBody:
+    """The request body as `model`: 415 unless it is sent as JSON, 400 for bad JSON or a value the schema refuses."""
     svc.authorize(request.headers)
     raw = await _read_limited(request, svc.config.max_request_bytes)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(415, f"the request must be sent as Content-Type: application/json, not {kind or 'none'!r}",
+                       code="unsupported_media_type")
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        body = schemas.parse(raw)
+    except ValueError as e:
+        why = "nested too deeply" if "recursion limit" in str(e) else f"not valid JSON: {e}"
+        raise APIError(400, f"the request body is {why}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    return body
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise APIError(400, *schemas.message(e, body)) from None
 
 
 # ---- one completion request: its choices in the engine ---------------------------------------------------------------
@@ -143,23 +244,23 @@ class Job:
 
 async def _complete(request: Request, chat: bool):
     svc = _service(request)
-    body = await _body(request, svc)
-    job = _start(svc, body, chat)
-    if body.get("stream"):
-        usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_stream(svc, request, job, usage), media_type="text/event-stream")
-    return await _respond(svc, request, job)
+    body = await _body(request, svc, ChatCompletionRequest if chat else CompletionRequest)
+    job = await _start(svc, body)
+    if body.stream:
+        return StreamingResponse(_stream(svc, request, job, body.include_usage), media_type="text/event-stream")
+    try:
+        return await _respond(svc, request, job)
+    except BaseException:  # whatever failed, nothing of it keeps generating
+        svc.cancel_all(job.subs)
+        raise
 
 
-def _start(svc: Service, body: dict, chat: bool) -> Job:
-    """Check the body (every APIError before anything reaches the engine) and submit its choices."""
+async def _start(svc: Service, body: schemas.RequestBody) -> Job:
+    """Check what needs the server's state (every APIError before anything reaches the engine) and submit."""
+    chat = isinstance(body, ChatCompletionRequest)
     svc.check_model(body)
-    params, n, explicit = svc.sampling(body, chat)
-    if chat:
-        ids, pixels, tools = svc.chat_prompt(body)
-        prompts = [ids]
-    else:
-        prompts, pixels, tools = svc.completion_prompts(body), None, None
+    params, n, explicit = svc.sampling(body)
+    prompts, pixels, tools = await svc.prompts(body)  # tokenized, images decoded, off the event loop
     echoes = None if chat else svc.echoes(body)  # per prompt
     per_prompt = [svc.check_length(ids, params, explicit) for ids in prompts]
     t0 = time.perf_counter()
@@ -281,21 +382,22 @@ class _StreamedChoice:
 
 async def _stream(svc: Service, request: Request, job: Job, include_usage: bool):
     """The job as server-sent events: a first chunk (the role, or the echoed prompts), each choice's deltas as they
-    come, a last chunk per choice with its finish_reason, usage if asked, `data: [DONE]`. An engine failure ends the
-    stream with an error event; a client that leaves cancels every choice."""
+    come, a last chunk per choice with its finish_reason, usage if asked, `data: [DONE]`. An engine failure, or any
+    exception here (the 200 is already out), ends the stream with an error event and `data: [DONE]`, and cancels
+    every choice; so does a client that leaves (without the events)."""
     kind = "chat.completion.chunk" if job.chat else "text_completion"
 
     def event(choices, **extra) -> str:
         return f"data: {json.dumps({**job.head, 'object': kind, 'choices': choices, **extra})}\n\n"
 
-    streams = [_StreamedChoice(i, req, queue, job.tools) for i, (req, queue) in enumerate(job.subs)]
-    if job.chat:
-        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                     for i in range(len(streams))])
-    elif job.echoes:
-        yield event([{"index": i, "text": e, "logprobs": None, "finish_reason": None}
-                     for i, e in enumerate(job.echoes)])
     try:
+        streams = [_StreamedChoice(i, req, queue, job.tools) for i, (req, queue) in enumerate(job.subs)]
+        if job.chat:
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                         for i in range(len(streams))])
+        elif job.echoes:
+            yield event([{"index": i, "text": e, "logprobs": None, "finish_reason": None}
+                         for i, e in enumerate(job.echoes)])
         live = set(range(len(streams)))
         while live:
             for i in sorted(live):
@@ -308,21 +410,32 @@ async def _stream(svc: Service, request: Request, job: Job, include_usage: bool)
                 if choice is not None:
                     yield event([choice])
                 if finished and s.req.finish_reason == "error":  # OpenAI's clients raise on an error event
-                    svc.metrics.count_error()
-                    svc.cancel_all(job.subs)
-                    err = APIError(500, s.req.error, code="engine_error", kind="server_error")
-                    yield f"data: {json.dumps(err.body())}\n\n"
-                    yield "data: [DONE]\n\n"
+                    for line in _stream_error(svc, job, APIError(500, s.req.error, code="engine_error",
+                                                                 kind="server_error")):
+                        yield line
                     return
                 if finished and s.req.finished:
                     empty = {"index": i, "delta": {}} if job.chat else {"index": i, "text": ""}
                     reason = "tool_calls" if calls else s.req.finish_reason
                     yield event([{**empty, "logprobs": None, "finish_reason": reason}])
                     live.discard(i)
+        usage = _usage(svc, job)
+        if include_usage:
+            yield event([], usage=usage)
+        yield "data: [DONE]\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         svc.cancel_all(job.subs)  # the client left: free the rows now
         raise
-    usage = _usage(svc, job)
-    if include_usage:
-        yield event([], usage=usage)
-    yield "data: [DONE]\n\n"
+    except Exception as e:
+        log.exception("a stream failed after its 200")
+        for line in _stream_error(svc, job, APIError(500, f"the stream failed ({type(e).__name__}); the server's "
+                                                          "log has the details", code="internal_error",
+                                                     kind="server_error")):
+            yield line
+
+
+def _stream_error(svc: Service, job: Job, err: APIError) -> list[str]:
+    """A stream's end after a failure: its generations cancelled, the error counted, an error event, [DONE]."""
+    svc.cancel_all(job.subs)
+    svc.metrics.count_error()
+    return [f"data: {json.dumps(err.body())}\n\n", "data: [DONE]\n\n"]

@@ -5,11 +5,21 @@ Service keeps it for the limits every request is checked against. `__post_init__
 weights load, so a bad option fails at once with a ConfigError that names the field, not minutes later (or on the
 first request) inside the engine or uvicorn. What needs the model or the device to check (a quantization group size
 the layer shapes refuse, CUDA graphs on a CPU model) is refused by the code that loads them.
+
+The security posture on a workstation (the defaults): the server listens on 127.0.0.1 only, sends no CORS headers
+(so a web page from another origin cannot read its answers, and its JSON requests fail their preflight) unless
+`allowed_origins` names the origins that may, and needs no key unless `api_key` is set. An empty key is refused: it
+would turn authentication off without saying so. As in vLLM (`--api-key` guards the `/v1` routes only), the key
+guards every `/v1/...` route; `/health`, `/metrics` (counters and latencies, no request content), `/openapi.json`
+(the public API shape) and the web page stay open, so probes and Prometheus need no secret. Slow or idle clients
+cannot hold connections: a request's headers must arrive within `header_timeout` seconds and its body within
+`body_timeout` (longer for a large body, see herd.serve.server), and at most `max_connections` are open at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from herd.config import ConfigError
@@ -18,6 +28,8 @@ from herd.infer.quant import SCHEMES
 DTYPES = ("float32", "bfloat16")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names (any case)
 MiB = 2**20
+# An origin as browsers send it: scheme://host[:port], no path and no trailing slash (which would never match)
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+", re.IGNORECASE)
 
 
 @dataclass(kw_only=True)
@@ -38,11 +50,16 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     media_dir: str | None = None  # the one folder whose image files requests may name by path
-    api_key: str | None = None  # None: no Authorization header needed
+    api_key: str | None = None  # None: no Authorization header needed; else every /v1 route needs it (not "")
+    allowed_origins: tuple[str, ...] | None = None  # web origins CORS lets read responses (None: no CORS headers)
     max_request_bytes: int = 64 * MiB  # a larger request body gets 413
     max_concurrent: int = 64  # more generations in flight get 429
     max_images: int = 8  # more images in one request get 400
     max_image_bytes: int = 20 * MiB  # a larger image (data URL or file) gets 413
+    max_image_pixels: int = 32_000_000  # all images of a request together (from their headers, before decoding)
+    header_timeout: float = 10.0  # seconds a request's line and headers may take to arrive; then it is dropped
+    body_timeout: float = 30.0  # seconds its body may take (plus time for a large body at a minimum rate)
+    max_connections: int = 512  # open HTTP connections; a request beyond gets 503
     shutdown_timeout: float = 30.0  # on SIGTERM / Ctrl-C, seconds in-flight requests may still run
     log_level: str = "warning"  # uvicorn's
 
@@ -61,6 +78,16 @@ class ServeConfig:
             (self.max_concurrent > 0, f"max_concurrent must be a positive int, got {self.max_concurrent}"),
             (self.max_images >= 0, f"max_images must be >= 0 (0: no images), got {self.max_images}"),
             (self.max_image_bytes > 0, f"max_image_bytes must be positive, got {self.max_image_bytes}"),
+            (self.max_image_pixels > 0, f"max_image_pixels must be positive, got {self.max_image_pixels}"),
+            (self.header_timeout > 0, f"header_timeout must be positive seconds, got {self.header_timeout}"),
+            (self.body_timeout > 0, f"body_timeout must be positive seconds, got {self.body_timeout}"),
+            (self.max_connections > 0, f"max_connections must be a positive int, got {self.max_connections}"),
+            (self.api_key != "", "api_key must not be empty: an empty key would turn authentication off; give a "
+                                 "non-empty --api-key / HERD_API_KEY, or unset both to serve without one"),
+            (self.allowed_origins is None or (bool(self.allowed_origins) and all(
+                o == "*" or (isinstance(o, str) and ORIGIN.fullmatch(o)) for o in self.allowed_origins)),
+             f"allowed_origins must be origins like https://app.example or http://localhost:3000 (scheme://host"
+             f"[:port], no path or trailing slash), or *, got {self.allowed_origins!r}"),
             (self.shutdown_timeout >= 0, f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}"),
             (self.log_level.lower() in LOG_LEVELS,
              f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}"),

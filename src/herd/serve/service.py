@@ -3,32 +3,38 @@ metrics) and the way an OpenAI request body becomes engine inputs: sampling para
 tools.
 
 Every check here raises APIError with OpenAI's error shape and the matching status before anything reaches the
-engine: invalid sampling values, unknown model, prompts longer than the context, too many or too large images, local
-image paths outside the operator's media folder, tool_choice values herd cannot honour, a missing API key, more
-generations in flight than the server takes. herd.serve.app calls only the Service's public methods (the routes
-never reach the worker) and turns the results into HTTP responses.
+engine: unknown model, prompts longer than the context or outside the vocabulary, too many or too large images, local
+image paths outside the operator's media folder, what herd cannot honour (tool_choice "required", a response_format,
+`suffix`, `best_of`), a missing API key, more generations in flight than the server takes. A body's shape and its
+values' bounds were checked before (herd.serve.schemas), so these take typed requests. herd.serve.app calls only
+the Service's public methods (the routes never reach the worker) and turns the results into HTTP responses.
+
+Large inputs never stall the server. `prompts` first refuses a prompt whose text is too long for the context by a
+bound from its length alone (no tokenizing: Tokenizer.max_token_bytes), and images whose pixels, read from their
+headers, exceed the request's budget (`max_image_pixels`, before any is decoded); then it tokenizes and decodes the
+images on a small pool of threads, never on the event loop, which goes on serving other requests and /health. The
+pool's size (PREP_THREADS) also bounds how many requests' images are decoded at once, and so the memory they take.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hmac
 import time
 from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from herd.infer.sampling import SamplingParams
+from herd.serve.schemas import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
     from herd.serve.serve_config import ServeConfig
 
-MAX_N = 8
-MAX_PROMPTS = 32  # prompts in one /v1/completions request
-
-
-def _is_id(t) -> bool:
-    return isinstance(t, int) and not isinstance(t, bool)
+PREP_THREADS = 4  # requests tokenized or having their images decoded at once
 
 
 class APIError(Exception):
@@ -75,64 +81,35 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _number(body: dict, key: str, default, kind=float, lo=None, hi=None):
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and not isinstance(v, int)):
-        raise APIError(400, f"{key} must be a{'n integer' if kind is int else ' number'}, got {v!r}", key)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise APIError(400, f"{key} must be in [{lo}, {hi}], got {v}", key)
-    return v
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, defaults: dict,
+                    context: int) -> tuple[SamplingParams, int, bool]:
+    """SamplingParams, n, and whether max_tokens was given, from a request whose values herd.serve.schemas bounded
+    (`defaults`: the model's generation config, for what the request leaves out). Without max_tokens a request may
+    generate up to the end of the context (check_length fits it)."""
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        raise APIError(400, f"response_format {fmt.type!r} needs constrained decoding, which this server does not "
+                            "do; only {\"type\": \"text\"} is accepted", "response_format")
+    if isinstance(req, ChatCompletionRequest):  # chat: logprobs true/false, top_logprobs 0-20
+        logprobs, top = bool(req.logprobs), req.top_logprobs or 0
+    else:  # the legacy completions API: logprobs is the number of alternatives
+        logprobs, top = req.logprobs is not None, req.logprobs or 0
 
+    def given(value, default):
+        return default if value is None else value
 
-def sampling_params(body: dict, defaults: dict, context: int, chat: bool = True) -> tuple[SamplingParams, int, bool]:
-    """SamplingParams, n, and whether max_tokens was given, from an OpenAI request body (400 for a bad value).
-    Without max_tokens a request may generate up to the end of the context (check_length fits it)."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, int, 1, context)
-    stop = body.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and
-                                                             all(isinstance(s, str) for s in stop))):
-        raise APIError(400, "stop must be a string or a list of strings", "stop")
-    if chat:  # chat: logprobs true/false, top_logprobs 0-20
-        logprobs = body.get("logprobs") or False
-        if not isinstance(logprobs, bool):
-            raise APIError(400, f"logprobs must be true or false, got {logprobs!r}", "logprobs")
-        top = _number(body, "top_logprobs", 0, int, 0, 20)
-    else:  # the legacy completions API: logprobs is the number of alternatives (0-5 at OpenAI; vLLM allows 20)
-        top = _number(body, "logprobs", None, int, 0, 20)
-        logprobs, top = top is not None, top or 0
-    # vLLM's extensions to the OpenAI body, which clients send through `extra_body`
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise APIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
-    bias = body.get("logit_bias") or {}
-    if not isinstance(bias, dict) or not all(isinstance(k, str) and k.isdigit() for k in bias):
-        raise APIError(400, "logit_bias must map token ids (as strings) to numbers in [-100, 100]", "logit_bias")
-    bias = {int(k): v for k, v in bias.items()}
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise APIError(400, f"response_format {fmt!r} needs constrained decoding, which this server does not do; "
-                            "only {\"type\": \"text\"} is accepted", "response_format")
-    stop_ids = body.get("stop_token_ids") or []
-    if not (isinstance(stop_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids)):
-        raise APIError(400, "stop_token_ids must be a list of token ids", "stop_token_ids")
     try:
         params = SamplingParams(
-            temperature=_number(body, "temperature", defaults.get("temperature", 1.0), float, 0, 2),
-            top_p=_number(body, "top_p", defaults.get("top_p", 1.0), float, 0, 1),
-            top_k=body.get("top_k", defaults.get("top_k")),
-            presence_penalty=_number(body, "presence_penalty", 0.0, float, -2, 2),
-            frequency_penalty=_number(body, "frequency_penalty", 0.0, float, -2, 2),
-            repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0.01, 10),
-            min_p=_number(body, "min_p", 0.0, float, 0, 1), ignore_eos=ignore_eos, stop_token_ids=stop_ids,
-            logit_bias=bias,
-            seed=_number(body, "seed", None, int), max_new_tokens=max_tokens or context,
-            stop=stop, logprobs=logprobs or top > 0, top_logprobs=top)
-    except ValueError as e:
+            temperature=given(req.temperature, defaults.get("temperature", 1.0)),
+            top_p=given(req.top_p, defaults.get("top_p", 1.0)), top_k=given(req.top_k, defaults.get("top_k")),
+            min_p=given(req.min_p, 0.0), repetition_penalty=given(req.repetition_penalty, 1.0),
+            presence_penalty=given(req.presence_penalty, 0.0), frequency_penalty=given(req.frequency_penalty, 0.0),
+            ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids,
+            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()}, seed=req.seed,
+            max_new_tokens=req.limit or context, stop=req.stop, logprobs=logprobs, top_logprobs=top)
+    except ValueError as e:  # a bad generation default of the model's
         raise APIError(400, str(e)) from None
-    return params, _number(body, "n", 1, int, 1, MAX_N), max_tokens is not None
+    return params, req.n, req.limit is not None
 
 
 def tools_for(choice, tools: list) -> list | None:
@@ -174,18 +151,22 @@ class Service:
         self.media_dir = Path(config.media_dir).resolve() if config.media_dir else None
         self.metrics = Metrics()
         self.created = int(time.time())
+        self.max_token_bytes = tokenizer.max_token_bytes  # computed once, here, not on a first request
+        self.prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="herd-prep")
 
     # ---- who may ask, for which model ------------------------------------------------------------------------------
     def authorize(self, headers: Mapping[str, str]) -> None:
-        """401 unless the request's headers carry the API key (when the server has one)."""
+        """401 unless the request's headers carry the API key (when the server has one). compare_digest takes as
+        long whatever the bytes, so response times do not tell how much of a guess was right."""
         key = self.config.api_key
-        if key is not None and headers.get("authorization") != f"Bearer {key}":
+        if key is not None and not hmac.compare_digest(headers.get("authorization", "").encode(),
+                                                       f"Bearer {key}".encode()):
             raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
                            kind="authentication_error")
 
-    def check_model(self, body: dict) -> None:
-        if body.get("model") not in (self.name, None):
-            raise APIError(404, f"the model {body.get('model')!r} does not exist; this server has {self.name!r}",
+    def check_model(self, req: ChatCompletionRequest | CompletionRequest) -> None:
+        if req.model not in (self.name, None):
+            raise APIError(404, f"the model {req.model!r} does not exist; this server has {self.name!r}",
                            "model", "model_not_found")
 
     def model_card(self) -> dict:
@@ -194,9 +175,9 @@ class Service:
                 "max_model_len": self.context}
 
     # ---- request -> (prompt ids, images, params) ------------------------------------------------------------------
-    def sampling(self, body: dict, chat: bool) -> tuple[SamplingParams, int, bool]:
+    def sampling(self, req: ChatCompletionRequest | CompletionRequest) -> tuple[SamplingParams, int, bool]:
         """sampling_params with this model's generation defaults and context."""
-        return sampling_params(body, self.defaults, self.context, chat)
+        return sampling_params(req, self.defaults, self.context)
 
     def _images(self, messages: list) -> None:
         from herd.chat import collect_images
@@ -218,25 +199,47 @@ class Service:
                 continue
             if s.startswith(("http://", "https://")):
                 raise APIError(400, "remote image URLs are not fetched: send the image as a data: URL", "messages")
-            path = Path(s).resolve()
-            if self.media_dir is None or self.media_dir not in path.parents:
-                raise APIError(400, "local image paths are not allowed (the server has no --media-dir for them)",
-                               "messages")
+            if self.media_dir is None:
+                raise APIError(400, "local image paths are not allowed: the server has no --media-dir; send the "
+                                    "image as a data: URL", "messages")
+            try:
+                path = Path(s).resolve()
+            except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+                path = None
+            if path is None or self.media_dir not in path.parents:
+                raise APIError(400, "local image paths must name a file inside the server's --media-dir; send other "
+                                    "images as data: URLs", "messages")
             if path.is_file() and path.stat().st_size > max_bytes:
                 raise APIError(413, f"an image is larger than {max_bytes} bytes", "messages")
+        self._check_pixels(sources)
 
-    def chat_prompt(self, body: dict):
+    def _check_pixels(self, sources: list[str]) -> None:
+        """413 when the images' pixels, read from their headers, exceed max_image_pixels: decoding takes memory in
+        proportion to pixels, not bytes (an 11000 x 11000 one-bit PNG is a few kB)."""
+        from herd.image import ImageError, image_size
+
+        total, budget = 0, self.config.max_image_pixels
+        for s in sources:
+            try:
+                w, h = image_size(s)
+            except ImageError as e:
+                raise APIError(400, f"could not decode an image: {e}", "messages") from None
+            total += w * h
+            if total > budget:
+                raise APIError(413, f"the images have more than {budget / 1e6:g} megapixels together (the server's "
+                                    "--max-image-mp): send smaller images", "messages")
+
+    def chat_prompt(self, req: ChatCompletionRequest):
         """(prompt ids, pixel values or None, the tools the prompt shows or None) of a chat request."""
         from herd.chat import prepare_chat, tiling
         from herd.image import ImageError
 
-        messages, tools = body.get("messages"), body.get("tools")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m
-                                                                      for m in messages):
-            raise APIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
-        if tools is not None and not isinstance(tools, list):
-            raise APIError(400, "tools must be a list", "tools")
-        use_tools = tools_for(body.get("tool_choice"), tools or [])
+        # herd.chat takes OpenAI's dicts: the validated messages and tools as the client sent them (unset fields
+        # left out, a tool's extra keys kept: the model sees the tool's JSON)
+        messages = [m.model_dump(exclude_unset=True) for m in req.messages]
+        tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools is not None else None
+        choice = req.tool_choice
+        use_tools = tools_for(choice if isinstance(choice, str | None) else choice.model_dump(), tools or [])
         self._images(messages)
         kw = tiling(self.vision_config)
         try:
@@ -247,34 +250,52 @@ class Service:
             raise APIError(400, f"bad messages: {e}", "messages") from None
         return ids, batch.pixel_values if batch is not None else None, use_tools
 
-    def completion_prompts(self, body: dict) -> list[list[int]]:
-        """`prompt`: a string, token ids, or a list of either (a batch: each gets `n` choices, in order)."""
-        prompt = body.get("prompt")
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
-            prompt = [prompt]
-        if not (isinstance(prompt, list) and 0 < len(prompt) <= MAX_PROMPTS and all(
-                isinstance(p, str) or (isinstance(p, list) and p and all(_is_id(t) for t in p)) for p in prompt)):
-            raise APIError(400, f"prompt must be a string, a list of token ids, or a list of at most {MAX_PROMPTS} "
-                                "of either", "prompt")
-        return [p if isinstance(p, list) else [self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompt]
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        """`prompt`: a string, token ids, or a list of either (a batch: each gets `n` choices, in order). Token ids
+        must be ones the tokenizer can decode (an echo shows them) and the model can embed."""
+        vocab = min(self.text_config.vocab_size, self.tokenizer.vocab_size)
+        bad = next((t for p in req.prompts if isinstance(p, list) for t in p if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary (size {vocab})", "prompt")
+        return [p if isinstance(p, list) else [self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in req.prompts]
 
-    def echoes(self, body: dict) -> list[str] | None:
+    def echoes(self, req: CompletionRequest) -> list[str] | None:
         """The completions API's `echo`: each prompt's text, to put before its choices' text (None without echo).
         `suffix` (insertion) and `best_of` > 1 are refused rather than ignored, as vLLM refuses `suffix`."""
-        if body.get("suffix") is not None:
+        if req.suffix is not None:
             raise APIError(400, "suffix is not supported", "suffix")
-        if body.get("best_of") not in (None, 1):
+        if req.best_of not in (None, 1):
             raise APIError(400, "best_of is not supported; use n", "best_of")
-        echo = body.get("echo", False)
-        if not isinstance(echo, bool):
-            raise APIError(400, f"echo must be true or false, got {echo!r}", "echo")
-        if not echo:
+        if not req.echo:
             return None
-        if body.get("logprobs") is not None:
+        if req.logprobs is not None:
             raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported", "echo")
-        prompt = body["prompt"]
-        prompts = [prompt] if isinstance(prompt, str) or all(_is_id(t) for t in prompt) else prompt
-        return [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
+        return [p if isinstance(p, str) else self.tokenizer.decode(p) for p in req.prompts]
+
+    async def prompts(self, req: ChatCompletionRequest | CompletionRequest) -> tuple[list[list[int]], object, list]:
+        """(prompt ids per prompt, pixel values or None, the tools the prompt shows or None): chat_prompt or
+        completion_prompts run on the prep threads, after a prompt that cannot fit is refused without tokenizing."""
+        if (least := self._least_tokens(req)) >= self.context:
+            raise APIError(400, f"the prompt is at least {least} tokens: more than the model's context of "
+                                f"{self.context}", "messages", "context_length_exceeded")
+        loop = asyncio.get_running_loop()
+        if isinstance(req, ChatCompletionRequest):
+            ids, pixels, tools = await loop.run_in_executor(self.prep, self.chat_prompt, req)
+            return [ids], pixels, tools
+        return await loop.run_in_executor(self.prep, self.completion_prompts, req), None, None
+
+    def _least_tokens(self, req: ChatCompletionRequest | CompletionRequest) -> int:
+        """A lower bound on the longest prompt's token count from its text's UTF-8 length: every token stands for at
+        most max_token_bytes bytes (the chat template and images only add tokens)."""
+        def size(text) -> int:
+            return len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else 0
+
+        if isinstance(req, ChatCompletionRequest):
+            parts = [p for m in req.messages for p in (m.content if isinstance(m.content, list) else [m.content])]
+            longest = sum(size(getattr(p, "text", p)) for p in parts)
+        else:
+            longest = max((size(p) for p in req.prompts), default=0)
+        return longest // self.max_token_bytes
 
     def check_length(self, ids: list[int], params: SamplingParams, explicit: bool) -> SamplingParams:
         """`params` for this prompt: max_new_tokens cut to the context left (400 when nothing is left, or when an

@@ -126,6 +126,7 @@ def build_config(args):
 def run_train(args) -> int:
     from herd.config import ConfigError
     from herd.train.distributed import cleanup
+    from herd.train.snapshots import CheckpointCorrupt, CheckpointDiskFull
     from herd.train.trainer import TrainingDiverged, train
 
     try:
@@ -140,7 +141,7 @@ def run_train(args) -> int:
               f"{cfg.seq_len} tokens x {cfg.grad_accum}, {cfg.dtype}, lr {cfg.lr} ({cfg.schedule})", flush=True)
     try:
         summary = train(cfg, resume=resume)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointCorrupt, CheckpointDiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (FileExistsError, FileNotFoundError, ConfigError) as e:

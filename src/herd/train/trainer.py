@@ -161,7 +161,7 @@ class Run:
         self.bytes_table = token_bytes_table(self.tok, self.tcfg.vocab_size)
         self.step, self.tokens, self.saved_step, self.last_val = 0, 0, -1, {}
         if start is not None:
-            self._restore(start)
+            self._restore(*start)
         self.batches = iter(self.data)
         self.fpt = flops_per_token(self.tcfg, cfg.seq_len)
         self.peak = cfg.peak_flops or default_peak_flops(self.device, cfg.dtype)
@@ -172,13 +172,16 @@ class Run:
             self._init_files(fresh=start is None)
 
     # -- setup helpers --
-    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+    def _checkpoint_to_resume(self, resume: bool) -> tuple[Path, dict] | None:
         found = ckpt.latest(self.ckpt_root)
         if found is not None and not resume:
             raise FileExistsError(f"{self.out} already holds checkpoints (newest {found.name}): resume it "
                                   f"(--resume / resume=True) or choose another out_dir")
         ckpt.clean_partial(self.ckpt_root)
-        return found
+        path, files, notes = ckpt.resume_point(self.ckpt_root, set_aside=self.main)  # the newest intact one
+        for note in notes if self.main else ():
+            print(note, flush=True)
+        return (path, files) if path is not None else None
 
     def _teacher(self):
         teacher, tcfg = ckpt.load_model(self.cfg.teacher)
@@ -196,8 +199,7 @@ class Run:
             keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
         path.write_text("".join(ln + "\n" for ln in keep))
 
-    def _restore(self, path: Path) -> None:
-        files = ckpt.load(path)
+    def _restore(self, path: Path, files: dict) -> None:
         st = files["state"]
         saved = TrainConfig(**{**st["config"], "betas": tuple(st["config"]["betas"])})
         changed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUNTIME_ONLY
