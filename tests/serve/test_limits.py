@@ -196,22 +196,10 @@ def test_the_pixel_budget_counts_every_image_of_a_request(guarded):
     assert status == 413 and "--max-image-mp" in json.loads(out)["error"]["message"]
 
 
-def test_tokenizing_runs_off_the_event_loop():
-    """A prompt under the length bound is tokenized on a prep thread: the loop keeps running meanwhile (a slow
-    tokenizer stands in for a long prompt on a model with a long context)."""
-    from herd.config import preset
-    from herd.serve.schemas import CompletionRequest
-    from herd.serve.service import Service
-    from herd.tokenizer import tiny_tokenizer
+def _loop_stall(svc, req) -> tuple[float, object]:
+    """(the longest the event loop waited for a 10 ms sleep, the result) while `svc.prompts(req)` runs."""
 
-    tok = tiny_tokenizer()
-    real = tok.encode
-    tok.encode = lambda text, **kw: (time.sleep(0.6), real(text, **kw))[1]
-    worker = SimpleNamespace(engine=SimpleNamespace(model=SimpleNamespace(text_config=preset("tiny"),
-                                                                          vision_config=None)))
-    svc = Service(ServeConfig(model="tiny", name="tiny"), worker, tok)
-
-    async def run() -> float:
+    async def run():
         ticks, stop = [], asyncio.Event()
 
         async def tick():
@@ -221,13 +209,59 @@ def test_tokenizing_runs_off_the_event_loop():
                 ticks.append(time.monotonic() - t0)
 
         ticker = asyncio.create_task(tick())
-        prompts, _, _ = await svc.prompts(CompletionRequest(prompt="hello world", max_tokens=2))
+        out = await svc.prompts(req)
         stop.set()
         await ticker
-        assert prompts == [[tok.bos_id] + real("hello world")]
-        return max(ticks)
+        return max(ticks), out
 
-    assert asyncio.run(run()) < 0.3
+    return asyncio.run(run())
+
+
+def _service(tok, cfg):
+    from herd.serve.service import Service
+
+    model = SimpleNamespace(text_config=cfg.text_config, vision_config=cfg.vision_config)
+    return Service(ServeConfig(model="tiny", name="tiny"), SimpleNamespace(engine=SimpleNamespace(model=model)), tok)
+
+
+def test_tokenizing_runs_off_the_event_loop():
+    """A prompt under the length bound is tokenized on a prep thread: the loop keeps running meanwhile (a slow
+    tokenizer stands in for a long prompt on a model with a long context)."""
+    from herd.config import preset
+    from herd.serve.schemas import CompletionRequest
+    from herd.tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    real = tok.encode
+    tok.encode = lambda text, **kw: (time.sleep(0.6), real(text, **kw))[1]
+    stall, (prompts, _, _) = _loop_stall(_service(tok, preset("tiny")),
+                                         CompletionRequest(prompt="hello world", max_tokens=2))
+    assert prompts == [[tok.bos_id] + real("hello world")]
+    assert stall < 0.3
+
+
+def test_images_are_read_and_decoded_off_the_event_loop(monkeypatch):
+    """A chat request's images are measured, decoded and tiled on a prep thread too (a slow decoder stands in for a
+    large image within the pixel budget)."""
+    import io
+
+    from PIL import Image
+
+    import herd.image
+    from herd.config import multimodal_preset
+    from herd.serve.schemas import ChatCompletionRequest
+    from herd.tokenizer import tiny_tokenizer
+
+    real = herd.image._decode
+    monkeypatch.setattr(herd.image, "_decode", lambda *a: (time.sleep(0.6), real(*a))[1])
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    req = ChatCompletionRequest.model_validate({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What colour?"}, {"type": "image_url", "image_url": {"url": url}}]}]})
+    stall, (prompts, pixels, _) = _loop_stall(_service(tiny_tokenizer(), multimodal_preset("tiny")), req)
+    assert pixels is not None and pixels.shape[0] >= 1 and len(prompts[0]) > 10
+    assert stall < 0.3
 
 
 def test_the_tokenizer_lets_other_threads_run():
@@ -298,3 +332,24 @@ def test_the_connection_cap_holds_and_frees(guarded):
     t0 = time.monotonic()
     assert max(_closed_after(s, t0)[0] for s in idle) < 3  # the header timeout frees them
     assert _call(guarded.base, "/health", key=None)[0] == 200
+
+
+def test_the_key_is_compared_in_constant_time(monkeypatch):
+    """Every key check goes through hmac.compare_digest (timing-safe: a wrong guess takes as long whatever its
+    prefix), and only an exact `Bearer KEY` passes."""
+    import hmac
+
+    from herd.config import preset
+    from herd.serve.service import APIError
+    from herd.tokenizer import tiny_tokenizer
+
+    svc = _service(tiny_tokenizer(), preset("tiny"))
+    svc.config = ServeConfig(model="tiny", api_key="s3cret")
+    calls, real = [], hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    svc.authorize({"authorization": "Bearer s3cret"})
+    for bad in ({"authorization": "Bearer s3cre"}, {"authorization": "Bearer s3cret "}, {}):
+        with pytest.raises(APIError) as e:
+            svc.authorize(bad)
+        assert e.value.status == 401
+    assert len(calls) == 4
