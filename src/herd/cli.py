@@ -12,6 +12,8 @@
   herd train --preset tiny --out runs/x [--max-steps N] [--config FILE] [--key=value ...]
   herd train --resume runs/x [--max-steps N]          continue a run exactly from its newest checkpoint
   herd midtrain --init runs/x --out runs/x-long       continue at a longer context (see herd.train.train_cli)
+  herd eval --model DIR [--tasks arithmetic,sorting] [--k 8] [--n 32] [--difficulty 1,2]   pass@1, pass@k, reward,
+                                                      format errors per task (herd.post.evaluate)
 """
 
 from __future__ import annotations
@@ -234,6 +236,35 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from herd.post.evaluate import evaluate, markdown_table, progress_printer, write_results
+    from herd.tasks import TASKS
+
+    try:
+        difficulties = [int(d) for d in args.difficulty.split(",") if d.strip()]
+    except ValueError:
+        raise UsageError(f"--difficulty takes comma-separated integers, e.g. 1,2,3; got {args.difficulty!r}") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks or not difficulties:
+        raise UsageError(f"--tasks takes names from {', '.join(TASKS)}; got {args.tasks!r}" if unknown or not tasks
+                         else "--difficulty names no difficulty")
+    model, tok = _load(args)
+    if tok is None:
+        raise UsageError(f"{args.model} has no tokenizer.json: evaluation needs the chat format")
+    try:
+        results = evaluate(model, tok, tasks, n_per_task=args.n, difficulties=difficulties, k=args.k,
+                           temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                           max_batch=args.max_batch, bpb_batches=args.bpb_batches, progress=progress_printer())
+    except ValueError as e:  # k, n or a difficulty the tasks refuse; a prompt longer than the model's context
+        raise UsageError(str(e)) from None
+    results["model"] = str(args.model)
+    js, md = write_results(results, args.out or Path(args.model) / "eval")
+    print(markdown_table(results), end="")
+    print(f"wrote {js} and {md} ({results['time_s']:.0f}s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="herd",
                                 description="Llama 4 in PyTorch: model, checkpoints, generation, training.")
@@ -313,6 +344,21 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--log-level", default="warning")
     _runtime_options(sp)
     sp.set_defaults(fn=cmd_serve)
+    sp = sub.add_parser("eval", help="pass@1 / pass@k, reward, answer length and format errors on herd.tasks")
+    sp.add_argument("--model", required=True, help="Hugging Face checkpoint directory with tokenizer.json")
+    sp.add_argument("--tasks", default=None, help="comma-separated task names (default: all of herd.tasks.TASKS)")
+    sp.add_argument("--k", type=int, default=8, help="samples per prompt (pass@k)")
+    sp.add_argument("--n", type=int, default=32, help="held-out prompts per task and difficulty")
+    sp.add_argument("--difficulty", default="1", help="comma-separated difficulties, e.g. 1,2,3")
+    sp.add_argument("--temperature", type=float, default=1.0)
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--seed", type=int, default=0, help="the samples' seeds derive from it")
+    sp.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    sp.add_argument("--bpb-batches", type=int, default=8,
+                    help="held-out text batches for bits per byte (the trainer's val_bpb); 0 skips it")
+    sp.add_argument("--out", default=None, help="folder for results.json and results.md (default: MODEL/eval)")
+    _runtime_options(sp)
+    sp.set_defaults(fn=cmd_eval, preset=None)
     from herd.train.train_cli import add_train_parser
 
     add_train_parser(sub)

@@ -14,9 +14,7 @@ run stopped before its cooldown ended, or `bias_cooldown=0`) keeps them in the w
 much routing changes without them on the validation batches.
 
 Measures (documented here because numbers mean nothing without their definitions):
-- bits per byte = total nats / (ln 2 * total UTF-8 bytes of the evaluated text), where the evaluated text is the
-  bytes of the target tokens. Special-token targets (document separators) stand for no text, so they are left out of
-  both sums (nanochat's convention); `val_loss` is the plain mean over all targets. Tokenizer-independent.
+- `val_loss` and bits per byte (`val_bpb`) over held-out text: herd.train.validation.
 - FLOPs per token and the peak of MFU: herd.train.flops. MFU = FLOPs per token x tokens/s per device / peak FLOP/s
   of one device. A distillation teacher's forward pass is not counted: MFU measures the student's training.
 
@@ -50,8 +48,8 @@ from herd.train.flops import default_peak_flops, flops_per_token
 from herd.train.inputs import ImageRows, documents, token_bytes_table, tokenizer
 from herd.train.schedule import lr_factor
 from herd.train.train_config import TrainConfig
+from herd.train.validation import IGNORE, text_loss_sums, val_batches, val_metrics
 
-IGNORE = -100
 # settings that may change on resume without changing the run's numbers
 RUNTIME_ONLY = ("max_steps", "out_dir", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last",
                 "peak_flops", "export", "plots", "device")
@@ -325,27 +323,13 @@ class Run:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean loss over every val target, and bits per byte (module docstring) over the text targets."""
-        from herd.data.packing import Packer
-
         if self.val_batches is None:  # the same val batches at every evaluation
-            val = iter(Packer(documents(self.cfg, "val"), self.tok, self.cfg.seq_len, self.cfg.batch_size,
-                              seed=self.cfg.seed, rank=self.rank, world_size=self.world))
-            self.val_batches = [b for _, b in zip(range(self.cfg.eval_batches), val, strict=False)]
+            self.val_batches = val_batches(self.cfg, self.tok, self.rank, self.world)
         self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64)  # nats, targets, text nats, text bytes
-        for b in self.val_batches:
-            b = {k: v.to(self.device) for k, v in b.items()}
-            with self._autocast():
-                logits = self.model(b["input_ids"], doc_ids=b["doc_ids"])
-            labels = b["labels"].flatten()
-            nll = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="none")
-            nbytes = self.bytes_table.to(self.device)[labels.clamp(min=0)] * (labels != IGNORE)
-            sums += torch.stack([nll.sum(), (labels != IGNORE).sum(), nll[nbytes > 0].sum(), nbytes.sum()]).cpu()
+        sums = text_loss_sums(self.model, self.val_batches, self.bytes_table, self.device, self._autocast)
         out = self._evaluate_images() if self.images is not None else {}
         self.model.train()
-        nats, n, text_nats, nbytes = _all_sum(sums.to(self.device), self.world).tolist()
-        return {"val_loss": nats / max(n, 1), "val_bpb": text_nats / (math.log(2) * nbytes) if nbytes else None,
-                **out}
+        return {**val_metrics(_all_sum(sums.to(self.device), self.world).tolist()), **out}
 
     def _evaluate_images(self) -> dict:
         """Mean loss over the answer tokens of fixed held-out image-text chats."""

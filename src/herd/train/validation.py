@@ -1,0 +1,51 @@
+"""Held-out text loss and bits per byte: what a training run reports as `val_loss` / `val_bpb` and what
+herd.post.evaluate reports for any checkpoint, computed one way.
+
+- bits per byte = total nats / (ln 2 * total UTF-8 bytes of the evaluated text), where the evaluated text is the
+  bytes of the target tokens. Special-token targets (document separators) stand for no text, so they are left out of
+  both sums (nanochat's convention); `val_loss` is the plain mean over all targets. Tokenizer-independent.
+- The batches are the first `eval_batches` packed batches of the held-out documents of a TrainConfig's data, the
+  same at every call, so evaluations along a run and across runs compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from herd.train.inputs import IGNORE, documents
+from herd.train.train_config import TrainConfig
+
+
+def val_batches(cfg: TrainConfig, tok, rank: int = 0, world: int = 1) -> list[dict]:
+    """The first `eval_batches` packed batches of the held-out documents of `cfg.data` (the same at every call)."""
+    from herd.data.packing import Packer
+
+    val = iter(Packer(documents(cfg, "val"), tok, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=rank,
+                      world_size=world))
+    return [b for _, b in zip(range(cfg.eval_batches), val, strict=False)]
+
+
+@torch.no_grad()
+def text_loss_sums(model, batches: list[dict], bytes_table: torch.Tensor, device, autocast=contextlib.nullcontext):
+    """(4,) float64 on the CPU: nats, targets, text nats, text bytes over `batches` (definitions above)."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    table = bytes_table.to(device)
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast():
+            logits = model(b["input_ids"], doc_ids=b["doc_ids"])
+        labels = b["labels"].flatten()
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="none")
+        nbytes = table[labels.clamp(min=0)] * (labels != IGNORE)
+        sums += torch.stack([nll.sum(), (labels != IGNORE).sum(), nll[nbytes > 0].sum(), nbytes.sum()]).cpu()
+    return sums
+
+
+def val_metrics(sums: list[float]) -> dict:
+    """val_loss and val_bpb from `text_loss_sums` (summed over ranks)."""
+    nats, n, text_nats, nbytes = sums
+    return {"val_loss": nats / max(n, 1), "val_bpb": text_nats / (math.log(2) * nbytes) if nbytes else None}
