@@ -117,15 +117,8 @@ class Packer:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = []
-        first = self.rank * self.batch_size
-        for r in range(self.batch_size * self.world_size):  # the whole global batch; this rank keeps its slice
-            row = self._row()
-            if first <= r < first + self.batch_size:
-                rows.append(row)
         self.step += 1
-        ids, labels, doc_ids = (torch.tensor([row[k] for row in rows], dtype=torch.long) for k in range(3))
-        return {"input_ids": ids, "labels": labels, "doc_ids": doc_ids}  # each (B, T)
+        return rank_slice(self._row, self.batch_size, self.world_size, self.rank)
 
     # ---- checkpointing ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -141,3 +134,15 @@ class Packer:
         self.epoch, self.cursor, self.offset, self.step = (int(state[k]) for k in ("epoch", "cursor", "offset",
                                                                                     "step"))
         self._doc = None
+
+
+def rank_slice(next_row, batch_size: int, world_size: int, rank: int) -> dict[str, torch.Tensor]:
+    """Walk the whole global batch (every rank reads the same stream, so all agree on where it stands) and keep this
+    rank's rows: {"input_ids", "labels", "doc_ids"}, each (batch_size, T). `next_row()` gives (ids, labels, doc_ids)."""
+    rows, first = [], rank * batch_size
+    for r in range(batch_size * world_size):
+        row = next_row()
+        if first <= r < first + batch_size:
+            rows.append(row)
+    ids, labels, doc_ids = (torch.tensor([row[k] for row in rows], dtype=torch.long) for k in range(3))
+    return {"input_ids": ids, "labels": labels, "doc_ids": doc_ids}

@@ -98,24 +98,27 @@ def token_bytes_table(tok, vocab_size: int) -> torch.Tensor:
     return torch.tensor([0 if i in special else len(tok.token_bytes(i)) for i in range(n)] + [0] * (vocab_size - n))
 
 
-def chat_example(messages: list[dict], tok, vcfg, max_len: int, where: str = "record") -> tuple[list, list, object]:
+def chat_example(messages: list[dict], tok, vcfg, max_len: int, where: str = "record",
+                 tools: list[dict] | None = None) -> tuple[list, list, object]:
     """(ids, labels, ImageBatch) of one conversation: labels[t] = ids[t + 1] where that token belongs to an
-    assistant turn (its text and its end-of-turn token), else IGNORE."""
+    assistant turn (its text or tool calls, and its end-of-turn token), else IGNORE. `tools`: the OpenAI function
+    specs the chat shows (rendered into the first user turn; herd.post.sft_data)."""
     from herd.chat import collect_images, format_chat, prepare_chat, tiling
 
     kw = tiling(vcfg)
-    ids, batch = prepare_chat(messages, tok, add_generation_prompt=False, **kw)
+    ids, batch = prepare_chat(messages, tok, add_generation_prompt=False, tools=tools, **kw)
     if len(ids) > max_len:
         raise DataError(f"{where}: the chat takes {len(ids)} tokens (image tokens included), more than "
                         f"image_seq_len={max_len}; raise image_seq_len or use smaller images")
-    grids, per_tile = batch.grids if batch is not None else [], vcfg.tokens_per_tile
+    grids = batch.grids if batch is not None else []
+    per_tile = vcfg.tokens_per_tile if vcfg is not None else 144  # text-only model: no image tokens anyway
     labels = [IGNORE] * len(ids)
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         n_img = len(collect_images(messages[:k]))  # the images shown before this answer
-        start = len(format_chat(messages[:k], tok, True, grids[:n_img], per_tile))
-        end = len(format_chat(messages[: k + 1], tok, False, grids[:n_img], per_tile))
+        start = len(format_chat(messages[:k], tok, True, grids[:n_img], per_tile, tools))
+        end = len(format_chat(messages[: k + 1], tok, False, grids[:n_img], per_tile, tools))
         for t in range(start, end):
             labels[t - 1] = ids[t]
     return ids, labels, batch

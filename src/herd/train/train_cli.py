@@ -3,6 +3,7 @@
   herd train --preset tiny --out runs/x [--max-steps N] [--config FILE] [key=value ...] [--key=value ...]
   herd train --resume runs/x [--max-steps N]          continue a run from its newest checkpoint, exactly
   herd midtrain --init runs/x --out runs/x-long [--seq-len 256] [--data builtin+passkey+kv] [--max-steps N]
+  herd sft --init runs/x --data chats.jsonl|tasks:NAME[,NAME][@D] --out runs/y [prune_easy=0.5] (herd.post.sft)
 
 Settings are applied in order: the preset (or, when resuming, the run's own train_config.json), the --config file
 (JSON or TOML), then key=value items (written together, after the options); every TrainConfig field is also
@@ -60,6 +61,17 @@ def add_train_parser(subparsers) -> None:
     sp.add_argument("--resume", action="store_true", help="continue this mid-training run from its checkpoint")
     common(sp)
     sp.set_defaults(fn=run_train, stage="midtrain", preset="tiny-midtrain")
+    # herd sft (herd.post.sft): the same loop on chats; --data is the conversations (sft_data), not documents
+    sp = subparsers.add_parser("sft", help="supervised fine-tuning on chats (.jsonl or tasks:NAME), easy data pruned",
+                               description="Fine-tune a checkpoint on conversations, loss on the assistant's tokens "
+                                           "only. prune_easy=0.5 drops the half a judge finds easiest. Any "
+                                           "TrainConfig field: key=value.")
+    sp.add_argument("--init", help="the model to tune (a run directory or a Hugging Face checkpoint)")
+    sp.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                    help="continue the SFT run in DIR (or in --out) from its newest checkpoint")
+    sp.add_argument("--preset", default="sft", help="training preset (herd.train.train_config.TRAIN_PRESETS)")
+    common(sp)
+    sp.set_defaults(fn=run_train, stage="sft")
 
 
 def _overrides(args) -> list[str]:
@@ -69,7 +81,8 @@ def _overrides(args) -> list[str]:
             items.append(f"{key.removeprefix('set_')}={v}")
     for key in ("data", "seq_len", "init"):
         if getattr(args, key, None) is not None:
-            items.append(f"{key}={getattr(args, key)}")
+            field = "sft_data" if key == "data" and args.stage == "sft" else key
+            items.append(f"{field}={getattr(args, key)}")
     return items
 
 
@@ -125,17 +138,20 @@ def build_config(args):
 
 def run_train(args) -> int:
     from herd.config import ConfigError
+    from herd.data.sources import DataError
     from herd.train.distributed import cleanup
     from herd.train.snapshots import CheckpointCorrupt, CheckpointDiskFull
     from herd.train.trainer import TrainingDiverged, train
 
+    if args.stage == "sft":
+        from herd.post.sft import sft as train
     try:
         cfg, resume = build_config(args)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
-    what = "mid-training" if args.stage == "midtrain" else "training"
+    what = {"midtrain": "mid-training", "sft": f"SFT on {cfg.sft_data}"}.get(args.stage, "training")
     if main:
             print(f"{what} {cfg.init or cfg.model} -> {cfg.out_dir}: {cfg.stop_step} steps of {cfg.batch_size}x"
               f"{cfg.seq_len} tokens x {cfg.grad_accum}, {cfg.dtype}, lr {cfg.lr} ({cfg.schedule})", flush=True)
@@ -144,7 +160,7 @@ def run_train(args) -> int:
     except (TrainingDiverged, CheckpointCorrupt, CheckpointDiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (FileExistsError, FileNotFoundError, ConfigError) as e:
+    except (FileExistsError, FileNotFoundError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cleanup()  # end the process group before exit: a gloo rank torn down with it alive can abort (SIGABRT)
@@ -154,7 +170,9 @@ def run_train(args) -> int:
     bpb = f", {summary['val_bpb']:.4f} bits/byte" if summary.get("val_bpb") is not None else ""
     print(f"done: step {summary['step']}{val}{bpb} in {summary['time_s']:.0f}s; checkpoint {summary['checkpoint']}"
           + (f"; Hugging Face weights in {summary['hf']}" if summary["hf"] else ""))
-    if summary["hf"]:
+    if summary["hf"] and args.stage == "sft":
+        print(f"try it: herd chat --model {summary['hf']}")
+    elif summary["hf"]:
         print(f"try it: herd generate --model {summary['hf']} --raw --prompt \"To be, or not to be\"")
         if cfg.image_rows and cfg.samples:
             print(f"        herd generate --model {summary['hf']} --image {cfg.out_dir}/scene_0.png "

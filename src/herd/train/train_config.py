@@ -88,6 +88,11 @@ class TrainConfig:
     alpha_end: float | None = None  # at the end (None: constant alpha)
     alpha_schedule: str = "constant"  # constant | linear | cosine
     tau: float = 1.0
+    # --- SFT (herd.post.sft: `herd sft`; these are read only there) ---
+    sft_data: str | None = None  # a conversations .jsonl (OpenAI `messages`) or tasks:NAME[,NAME...][@difficulty]
+    sft_examples: int = 1000  # tasks: examples drawn per task from its train split
+    prune_easy: float = 0.0  # share of the examples the judge finds easiest (lowest answer loss) dropped before SFT
+    judge: str | None = None  # the judge model for prune_easy (None: `init`, the model being tuned)
     # --- outputs ---
     out_dir: str = "runs/tiny"
     export: bool = True  # write out_dir/hf (Hugging Face format + tokenizer) when the run ends
@@ -121,6 +126,7 @@ class TrainConfig:
             (self.image_rows >= 0 and self.image_seq_len > 0 and self.scene_size >= 8,
              "image_rows must be >= 0, image_seq_len > 0 and scene_size >= 8"),
             (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
+            (0 <= self.prune_easy < 1 and self.sft_examples > 0, "prune_easy must be in [0, 1), sft_examples > 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -157,6 +163,9 @@ TRAIN_PRESETS: dict[str, dict] = {
     "tiny-multimodal": dict(bias_rate=1e-2, image_rows=4, out_dir="runs/tiny-multimodal"),
     "smoke": dict(bias_rate=1e-2, samples=False, seq_len=32, batch_size=4, steps=12, warmup=2, eval_every=6,
                   eval_batches=2, ckpt_every=6, log_every=2, out_dir="runs/smoke"),
+    # supervised fine-tuning of a checkpoint on chats (herd.post.sft): lower LR, whole conversations per row
+    "sft": dict(bias_rate=1e-2, samples=False, seq_len=256, batch_size=8, steps=200, warmup=10, lr=5e-4, min_lr=5e-5,
+                eval_every=50, eval_batches=2, ckpt_every=100, out_dir="runs/sft"),
     "tiny-midtrain": dict(bias_rate=1e-2, seq_len=256, batch_size=4, steps=200, warmup=10, lr=1e-3, min_lr=1e-4,
                           data="builtin+passkey+kv", eval_every=50, ckpt_every=100, out_dir="runs/tiny-midtrain"),
 }

@@ -59,9 +59,11 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; the message names the last good checkpoint."""
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or, with resume=True, continue from cfg.out_dir's newest checkpoint) to cfg.stop_step."""
-    return Run(cfg, resume).fit()
+def train(cfg: TrainConfig, resume: bool = False, rows=None) -> dict:
+    """Run (or, with resume=True, continue from cfg.out_dir's newest checkpoint) to cfg.stop_step. `rows`, when
+    given, replaces the packed documents: a function (cfg, tok, split, rank, world) -> an iterator of packed
+    batches with Packer's interface (state_dict / load_state_dict); herd.post.sft passes its conversations."""
+    return Run(cfg, resume, rows).fit()
 
 
 # ---- building blocks -----------------------------------------------------------------------------------------------
@@ -135,8 +137,8 @@ def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
 class Run:
     """State of one training run: model, optimizer, data position, step, metrics file."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, resume: bool = False, rows=None):
+        self.cfg, self.rows = cfg, rows  # rows: another source of packed text batches (see train)
         self.rank, self.world, self.device = setup_device(cfg)
         self.main = self.rank == 0
         self.out, self.ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt"
@@ -149,10 +151,13 @@ class Run:
             raise ValueError(f"tokenizer has {self.tok.vocab_size} ids but the model only {self.tcfg.vocab_size}")
         self.opt, self.base_lrs = build_optimizer(cfg, self.model)
         self.teacher = self._teacher() if cfg.teacher else None
-        from herd.data.packing import Packer
+        if rows is not None:  # e.g. SFT conversations (herd.post.sft_data)
+            self.data = rows(cfg, self.tok, "train", self.rank, self.world)
+        else:
+            from herd.data.packing import Packer
 
-        self.data = Packer(documents(cfg, "train"), self.tok, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
-                           rank=self.rank, world_size=self.world)
+            self.data = Packer(documents(cfg, "train"), self.tok, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
+                               rank=self.rank, world_size=self.world)
         vcfg = self.mcfg.vision_config
         self.images = ImageRows(cfg, self.tok, vcfg, "train", self.rank, self.world) if cfg.image_rows else None
         self.val_batches, self.val_images = None, None
@@ -323,6 +328,9 @@ class Run:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean loss over every val target, and bits per byte (module docstring) over the text targets."""
+        if self.val_batches is None and self.rows is not None:  # the first batches of the held-out rows
+            val = self.rows(self.cfg, self.tok, "val", self.rank, self.world)
+            self.val_batches = [next(val) for _ in range(self.cfg.eval_batches)]
         if self.val_batches is None:  # the same val batches at every evaluation
             self.val_batches = val_batches(self.cfg, self.tok, self.rank, self.world)
         self.model.eval()

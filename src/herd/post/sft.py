@@ -1,0 +1,108 @@
+"""Supervised fine-tuning: `sft(cfg)` runs herd's trainer on chats, with easy-data pruning by a judge.
+
+    herd sft --init runs/base --data chats.jsonl --out runs/sft [prune_easy=0.5] [key=value ...]
+    herd sft --init runs/base --data tasks:arithmetic,tool_use --out runs/sft
+    herd sft --resume runs/sft
+
+One loop: the conversations (herd.post.sft_data: assistant-only targets, whole conversations packed with doc ids)
+are the `rows` the trainer (herd.train.trainer) reads in place of packed documents, so checkpoints, exact resume,
+metrics.jsonl, plots and the Hugging Face export in out/hf are the pretraining run's own. Validation loss is the
+loss on the assistant tokens of held-out conversations. The config is a TrainConfig (preset "sft") with `init`,
+`sft_data`, `sft_examples`, `prune_easy` and `judge` set.
+
+Easy-data pruning: Llama 4's post-training removed more than 50% of the SFT data tagged easy by a judge model
+("The Llama 4 herd", https://ai.meta.com/blog/llama-4-multimodal-intelligence/ ; 95% for Behemoth). Here the
+judge (any herd checkpoint; default the model being tuned) scores every training conversation by its mean loss
+per answer token (the assistant tokens; lower = easier), and the easiest `prune_easy` share is dropped before
+training (ties broken by example index). Every example's score and whether it was kept go to
+out/sft_judge_scores.jsonl so a run can be audited. Scoring is deterministic, so a resumed run scores again and
+keeps the same examples.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from herd.config import ConfigError
+from herd.post.sft_data import ChatPacker, conversations, encode, pad_id
+from herd.train.inputs import IGNORE
+
+SCORES_FILE = "sft_judge_scores.jsonl"
+
+
+@torch.no_grad()
+def judge_scores(judge: str, examples: list[tuple[list[int], list[int]]], device: str = "cpu",
+                 batch_size: int = 8) -> list[float]:
+    """The judge model's mean loss (nats) per answer token of every example (ids, labels)."""
+    from herd.train.snapshots import load_model
+
+    model, _ = load_model(judge)
+    model.to(device).eval()
+    out = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        T = max(len(x) for x, _ in chunk)
+        # right padding: causal attention keeps the real tokens from seeing it, and its labels are ignored
+        ids = torch.tensor([x + [0] * (T - len(x)) for x, _ in chunk], device=device)  # (B, T)
+        labels = torch.tensor([y + [IGNORE] * (T - len(y)) for _, y in chunk], device=device)  # (B, T)
+        logits = model(ids).float()  # (B, T, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # (B, T)
+        out += (nll.sum(1) / (labels != IGNORE).sum(1).clamp(min=1)).tolist()
+    return out
+
+
+def prune_easy(scores: list[float], frac: float) -> list[int]:
+    """Indices kept (in order) after dropping the `frac` share with the lowest scores (ties: lower index first)."""
+    n_drop = min(int(frac * len(scores)), len(scores) - 1)  # always keep one
+    easiest = sorted(range(len(scores)), key=lambda i: (scores[i], i))[:n_drop]
+    dropped = set(easiest)
+    return [i for i in range(len(scores)) if i not in dropped]
+
+
+def _prune(cfg, convs, examples, main: bool) -> list[int]:
+    judge = cfg.judge or cfg.init
+    if judge is None:
+        raise ConfigError("prune_easy needs a judge: set judge=DIR (or init, the model being tuned)")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    scores = judge_scores(judge, examples, device, cfg.batch_size)
+    kept = prune_easy(scores, cfg.prune_easy)
+    if main:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        keep = set(kept)
+        with open(out / SCORES_FILE, "w") as f:
+            for i, (s, c) in enumerate(zip(scores, convs, strict=True)):
+                f.write(json.dumps({"index": i, "score": s, "kept": i in keep, "source": c.where}) + "\n")
+        print(f"judge {judge}: kept {len(kept)} of {len(scores)} examples (dropped the easiest "
+              f"{len(scores) - len(kept)}, prune_easy={cfg.prune_easy}); scores in {out / SCORES_FILE}", flush=True)
+    return kept
+
+
+def chat_rows(cfg, tok, split: str, rank: int = 0, world: int = 1) -> ChatPacker:
+    """The trainer's `rows` for SFT: packed conversations of `split`, the train split pruned by the judge."""
+    convs = conversations(cfg, split)
+    examples = [encode(c, tok, cfg.seq_len) for c in convs]
+    if split == "train" and cfg.prune_easy > 0:
+        kept = _prune(cfg, convs, examples, rank == 0)
+        examples = [examples[i] for i in kept]
+    return ChatPacker(examples, cfg.seq_len, cfg.batch_size, pad_id(tok), seed=cfg.seed, rank=rank,
+                      world_size=world, shuffle=split == "train")
+
+
+def sft(cfg, resume: bool = False) -> dict:
+    """Fine-tune `cfg.init` on `cfg.sft_data` (or continue the run in cfg.out_dir); the trainer's summary."""
+    from herd.train.trainer import train
+
+    if not cfg.sft_data:
+        raise ConfigError("SFT needs data: sft_data=FILE.jsonl or sft_data=tasks:NAME (herd sft --data ...)")
+    if cfg.init is None and not resume:
+        raise ConfigError("SFT tunes a model: give init=DIR (herd sft --init DIR)")
+    if cfg.image_rows:
+        raise ConfigError("herd sft trains text models only for now: set image_rows=0")
+    if cfg.init and cfg.tokenizer == "tiny" and (Path(cfg.init) / "tokenizer.json").is_file():
+        cfg = cfg.replace(tokenizer=cfg.init)  # the checkpoint's own tokenizer
+    return train(cfg, resume=resume, rows=chat_rows)
