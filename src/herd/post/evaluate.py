@@ -221,11 +221,12 @@ def held_out_bpb(model, tokenizer, batches: int = 8, seq_len: int | None = None,
 def markdown_table(results: dict) -> str:
     """One row per task and difficulty, one per task over its difficulties, and the total."""
     k = results["k"]
-    head = ["task", "difficulty", "prompts", "pass@1", f"pass@{k}", "mean reward", "answer tokens", "format errors"]
+    passes = ["pass@1"] + ([f"pass@{k}"] if k > 1 else [])  # one sample per prompt: pass@k is pass@1
+    head = ["task", "difficulty", "prompts", *passes, "mean reward", "answer tokens", "format errors"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(task: str, level: str, m: dict) -> str:
-        cells = [task, level, str(m["prompts"]), f"{m['pass@1']:.3f}", f"{m['pass@k']:.3f}",
+        cells = [task, level, str(m["prompts"]), f"{m['pass@1']:.3f}", *([f"{m['pass@k']:.3f}"] if k > 1 else []),
                  f"{m['mean_reward']:.3f}", f"{m['mean_length']:.1f}", f"{m['format_error_rate']:.3f}"]
         return "| " + " | ".join(cells) + " |"
 
