@@ -13,6 +13,7 @@
   herd train --resume runs/x [--max-steps N]          continue a run exactly from its newest checkpoint
   herd midtrain --init runs/x --out runs/x-long       continue at a longer context (see herd.train.train_cli)
   herd sft --init runs/x --data chats.jsonl|tasks:arithmetic --out runs/y   fine-tune on chats (herd.post.sft)
+  herd dpo --init runs/y/hf --pairs pairs.jsonl --out runs/d [beta=0.1]      preference tuning (herd.post.dpo)
   herd eval --model DIR [--tasks arithmetic,sorting] [--k 8] [--n 32] [--difficulty 1,2]   pass@1, pass@k, reward,
                                                       format errors per task (herd.post.evaluate)
 """

@@ -75,22 +75,33 @@ def _check(rec, where: str) -> Conversation:
     return Conversation(rec["messages"], tools, where)
 
 
-def read_jsonl(path: str | Path) -> list[Conversation]:
+def jsonl_records(path: str | Path, what: str, shape: str) -> list[tuple[dict, str]]:
+    """(record, "FILE line N") for every non-empty line of a JSONL file of `what` (e.g. "conversations"); a DataError
+    naming the file and line for a missing file, a line that is not JSON, or no records at all."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"SFT data {p} is not a file (give a .jsonl of conversations or tasks:NAME)")
+        raise DataError(f"{p} is not a file (give a .jsonl of {shape})")
     out = []
     for n, line in enumerate(p.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            out.append((json.loads(line), f"{p} line {n}"))
         except json.JSONDecodeError as e:
             raise DataError(f"{p} line {n}: not valid JSON ({e.msg} at column {e.colno})") from e
-        out.append(_check(rec, f"{p} line {n}"))
     if not out:
-        raise DataError(f"{p} holds no conversations")
+        raise DataError(f"{p} holds no {what}")
     return out
+
+
+def read_jsonl(path: str | Path) -> list[Conversation]:
+    return [_check(rec, where) for rec, where in jsonl_records(path, "conversations",
+                                                              "conversations, or use --data tasks:NAME")]
+
+
+def val_split(items: list, split: str) -> list:
+    """Every 20th item is validation ("val"), the rest "train"; all of them when there are fewer than 20."""
+    return [x for i, x in enumerate(items) if (i % 20 == 19) == (split == "val")] or items
 
 
 def task_conversations(spec: str, n: int, split: str) -> list[Conversation]:
@@ -126,8 +137,7 @@ def conversations(cfg, split: str) -> list[Conversation]:
     if src.startswith("tasks:"):
         return task_conversations(src[len("tasks:"):], cfg.sft_examples if split == "train" else
                                   max(cfg.sft_examples // 20, 1), "train" if split == "train" else "heldout")
-    convs = read_jsonl(src)
-    return [c for i, c in enumerate(convs) if (i % 20 == 19) == (split == "val")] or convs
+    return val_split(read_jsonl(src), split)
 
 
 def encode(conv: Conversation, tok, max_len: int) -> tuple[list[int], list[int]]:

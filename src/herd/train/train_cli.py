@@ -4,6 +4,7 @@
   herd train --resume runs/x [--max-steps N]          continue a run from its newest checkpoint, exactly
   herd midtrain --init runs/x --out runs/x-long [--seq-len 256] [--data builtin+passkey+kv] [--max-steps N]
   herd sft --init runs/x --data chats.jsonl|tasks:NAME[,NAME][@D] --out runs/y [prune_easy=0.5] (herd.post.sft)
+  herd dpo --init runs/y/hf --pairs pairs.jsonl --out runs/d [beta=0.1] [label_smoothing=0.0]  (herd.post.dpo)
 
 Settings are applied in order: the preset (or, when resuming, the run's own train_config.json), the --config file
 (JSON or TOML), then key=value items (written together, after the options); every TrainConfig field is also
@@ -72,6 +73,17 @@ def add_train_parser(subparsers) -> None:
     sp.add_argument("--preset", default="sft", help="training preset (herd.train.train_config.TRAIN_PRESETS)")
     common(sp)
     sp.set_defaults(fn=run_train, stage="sft")
+    # herd dpo (herd.post.dpo): the same loop on preference pairs, the DPO loss in place of the cross-entropy
+    sp = subparsers.add_parser("dpo", help="direct preference optimisation on (chosen, rejected) pairs (.jsonl)",
+                               description="Tune a checkpoint on preference pairs with the DPO loss, the checkpoint "
+                                           "itself as the frozen reference. Any TrainConfig field: key=value.")
+    sp.add_argument("--init", help="the model to tune, also the reference (a run directory or a HF checkpoint)")
+    sp.add_argument("--pairs", help="a .jsonl of {\"messages\", \"chosen\", \"rejected\"} lines (dpo_pairs)")
+    sp.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                    help="continue the DPO run in DIR (or in --out) from its newest checkpoint")
+    sp.add_argument("--preset", default="dpo", help="training preset (herd.train.train_config.TRAIN_PRESETS)")
+    common(sp)
+    sp.set_defaults(fn=run_train, stage="dpo")
 
 
 def _overrides(args) -> list[str]:
@@ -79,9 +91,9 @@ def _overrides(args) -> list[str]:
     for key, v in vars(args).items():
         if key.startswith("set_") and v is not None:
             items.append(f"{key.removeprefix('set_')}={v}")
-    for key in ("data", "seq_len", "init"):
+    for key in ("data", "seq_len", "init", "pairs"):
         if getattr(args, key, None) is not None:
-            field = "sft_data" if key == "data" and args.stage == "sft" else key
+            field = "sft_data" if key == "data" and args.stage == "sft" else "dpo_pairs" if key == "pairs" else key
             items.append(f"{field}={getattr(args, key)}")
     return items
 
@@ -145,13 +157,16 @@ def run_train(args) -> int:
 
     if args.stage == "sft":
         from herd.post.sft import sft as train
+    elif args.stage == "dpo":
+        from herd.post.dpo import dpo as train
     try:
         cfg, resume = build_config(args)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
-    what = {"midtrain": "mid-training", "sft": f"SFT on {cfg.sft_data}"}.get(args.stage, "training")
+    what = {"midtrain": "mid-training", "sft": f"SFT on {cfg.sft_data}",
+            "dpo": f"DPO (beta {cfg.beta}) on {cfg.dpo_pairs}"}.get(args.stage, "training")
     if main:
             print(f"{what} {cfg.init or cfg.model} -> {cfg.out_dir}: {cfg.stop_step} steps of {cfg.batch_size}x"
               f"{cfg.seq_len} tokens x {cfg.grad_accum}, {cfg.dtype}, lr {cfg.lr} ({cfg.schedule})", flush=True)
@@ -170,7 +185,7 @@ def run_train(args) -> int:
     bpb = f", {summary['val_bpb']:.4f} bits/byte" if summary.get("val_bpb") is not None else ""
     print(f"done: step {summary['step']}{val}{bpb} in {summary['time_s']:.0f}s; checkpoint {summary['checkpoint']}"
           + (f"; Hugging Face weights in {summary['hf']}" if summary["hf"] else ""))
-    if summary["hf"] and args.stage == "sft":
+    if summary["hf"] and args.stage in ("sft", "dpo"):
         print(f"try it: herd chat --model {summary['hf']}")
     elif summary["hf"]:
         print(f"try it: herd generate --model {summary['hf']} --raw --prompt \"To be, or not to be\"")

@@ -59,11 +59,14 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; the message names the last good checkpoint."""
 
 
-def train(cfg: TrainConfig, resume: bool = False, rows=None) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, rows=None, objective=None) -> dict:
     """Run (or, with resume=True, continue from cfg.out_dir's newest checkpoint) to cfg.stop_step. `rows`, when
     given, replaces the packed documents: a function (cfg, tok, split, rank, world) -> an iterator of packed
-    batches with Packer's interface (state_dict / load_state_dict); herd.post.sft passes its conversations."""
-    return Run(cfg, resume, rows).fit()
+    batches with Packer's interface (state_dict / load_state_dict); herd.post.sft passes its conversations.
+    `objective`, when given, replaces the cross-entropy: (logits, batch) -> (this micro-batch's mean loss, stats
+    dict); the step backpropagates the mean over its micro-batches, logs it as `loss` with the stats' means, and
+    validation reports its loss as `val_loss` and each stat as `val_NAME`; herd.post.dpo passes the DPO loss."""
+    return Run(cfg, resume, rows, objective).fit()
 
 
 # ---- building blocks -----------------------------------------------------------------------------------------------
@@ -137,8 +140,10 @@ def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
 class Run:
     """State of one training run: model, optimizer, data position, step, metrics file."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, rows=None):
-        self.cfg, self.rows = cfg, rows  # rows: another source of packed text batches (see train)
+    def __init__(self, cfg: TrainConfig, resume: bool = False, rows=None, objective=None):
+        self.cfg, self.rows, self.objective = cfg, rows, objective  # other batches, another loss (see train)
+        if objective is not None and (cfg.image_rows or cfg.teacher):
+            raise ValueError("a custom objective trains text batches alone: set image_rows=0 and teacher=None")
         self.rank, self.world, self.device = setup_device(cfg)
         self.main = self.rank == 0
         self.out, self.ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt"
@@ -240,15 +245,21 @@ class Run:
         w = cfg.image_weight if self.images is not None else 0.0  # the objective: (1 - w) text mean + w image mean
         ce, img_ce, aux, kl = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0.0, 0.0
         alpha = self._alpha() if self.teacher is not None else None
-        loads = torch.zeros_like(self.loads)
+        loads, extra = torch.zeros_like(self.loads), {}
         for i, b in enumerate(micro):
             image = i >= cfg.grad_accum
             with self._autocast():
                 logits, router_logits = self._forward(b, return_router_logits=True)
-            ce_sum = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE,
-                                     reduction="sum")
-            share = w / n_img if image else (1 - w) / n_text  # weight of this batch's summed loss
-            loss = ce_sum * share
+            if self.objective is not None:  # its loss replaces the cross-entropy (train's docstring)
+                loss, stats = self.objective(logits, b)
+                loss = loss / len(micro)
+                ce_sum = loss.detach() * n_text  # so the logged `loss` below is the objective's step mean
+                extra = {k: extra.get(k, 0.0) + v / len(micro) for k, v in stats.items()}
+            else:
+                ce_sum = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE,
+                                         reduction="sum")
+                share = w / n_img if image else (1 - w) / n_text  # weight of this batch's summed loss
+                loss = ce_sum * share
             if self.teacher is not None and not image:
                 loss, kl_part = self._distill(b, logits, share, alpha)
                 kl += kl_part / (1 - w)
@@ -285,7 +296,7 @@ class Run:
         self.step += 1
         self.tokens += sum(b["input_ids"].numel() for b in micro) * self.world
         self.loads += loads
-        m = {"loss": loss_val, "lr": cfg.lr * factor, "grad_norm": gnorm}
+        m = {"loss": loss_val, "lr": cfg.lr * factor, "grad_norm": gnorm, **extra}  # extra: this rank's stats
         if cfg.balance == "aux_loss":
             m["aux"] = aux
         if self.images is not None:
@@ -334,10 +345,25 @@ class Run:
         if self.val_batches is None:  # the same val batches at every evaluation
             self.val_batches = val_batches(self.cfg, self.tok, self.rank, self.world)
         self.model.eval()
+        if self.objective is not None:
+            return self._evaluate_objective()
         sums = text_loss_sums(self.model, self.val_batches, self.bytes_table, self.device, self._autocast)
         out = self._evaluate_images() if self.images is not None else {}
         self.model.train()
         return {**val_metrics(_all_sum(sums.to(self.device), self.world).tolist()), **out}
+
+    def _evaluate_objective(self) -> dict:
+        """The objective's loss and stats, averaged over the val batches (this rank's); sets train mode back."""
+        sums: dict[str, float] = {}
+        for b in self.val_batches:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            with self._autocast():
+                logits = self._forward(b)
+            loss, stats = self.objective(logits, b)
+            for k, v in {"loss": float(loss), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v / len(self.val_batches)
+        self.model.train()
+        return {"val_bpb": None, **{f"val_{k}": v for k, v in sums.items()}}
 
     def _evaluate_images(self) -> dict:
         """Mean loss over the answer tokens of fixed held-out image-text chats."""

@@ -1,0 +1,65 @@
+"""Direct preference optimisation: `dpo(cfg)` runs herd's trainer on (chosen, rejected) pairs.
+
+    herd dpo --init runs/sft/hf --pairs pairs.jsonl --out runs/dpo [beta=0.1 label_smoothing=0.0 key=value ...]
+    herd dpo --resume runs/dpo
+
+One loop: the pairs (herd.post.dpo_data: padded chosen / rejected rows with the frozen reference's log-probs
+precomputed) are the `rows` the trainer (herd.train.trainer) reads, and the DPO loss (herd.post.dpo_loss,
+Rafailov et al., arXiv:2305.18290, eq. 7) is its `objective` in place of the cross-entropy, so clipping, the LR
+schedule, checkpoints, exact resume, metrics.jsonl and the Hugging Face export are the pretraining run's own. The
+logged `loss` is the DPO loss; the train records add TRL's DPOTrainer statistics (reward_chosen, reward_rejected,
+reward_margin and pref_acc, the share of pairs whose chosen answer gets the higher implicit reward;
+https://huggingface.co/docs/trl/dpo_trainer). Validation is the same loss and `val_pref_acc` on the held-out pairs
+(every 20th).
+
+The config is a TrainConfig (preset "dpo") with `init`, `dpo_pairs`, `beta` and `label_smoothing` set. The reference
+model is `init` itself (the model before DPO), as in the paper.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from herd.config import ConfigError
+from herd.post.dpo_data import PairPacker, encode_pair, read_pairs, reference_logprobs
+from herd.post.dpo_loss import dpo_loss, sequence_logprobs
+from herd.post.sft_data import pad_id, val_split
+
+
+def pair_rows(cfg, tok, split: str, rank: int = 0, world: int = 1) -> PairPacker:
+    """The trainer's `rows` for DPO: the pairs of `split` with the reference log-probs of `cfg.init`."""
+    pairs = [encode_pair(p, tok, cfg.seq_len) for p in val_split(read_pairs(cfg.dpo_pairs), split)]
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    refs = reference_logprobs(cfg.init, pairs, cfg.seq_len, pad_id(tok), device, cfg.batch_size)
+    return PairPacker(pairs, refs, cfg.seq_len, cfg.batch_size, pad_id(tok), seed=cfg.seed, rank=rank,
+                      world_size=world, shuffle=split == "train")
+
+
+def dpo_objective(beta: float, label_smoothing: float = 0.0):
+    """The trainer's `objective`: (logits (2B, T, V), batch) -> (mean DPO loss over the B pairs, stats)."""
+
+    def objective(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        lp = sequence_logprobs(logits, batch["labels"])  # (2B,) rows 2i chosen, 2i + 1 rejected
+        loss, stats = dpo_loss(lp[0::2], lp[1::2], batch["ref_chosen"], batch["ref_rejected"], beta,
+                               label_smoothing)
+        stats["pref_acc"] = stats.pop("accuracy")
+        return loss, stats
+
+    return objective
+
+
+def dpo(cfg, resume: bool = False) -> dict:
+    """Tune `cfg.init` on the pairs in `cfg.dpo_pairs` (or continue the run in cfg.out_dir); the trainer's summary."""
+    from herd.train.trainer import train
+
+    if not cfg.dpo_pairs:
+        raise ConfigError("DPO needs preference pairs: dpo_pairs=FILE.jsonl (herd dpo --pairs FILE.jsonl)")
+    if cfg.init is None:
+        raise ConfigError("DPO tunes a model against itself as reference: give init=DIR (herd dpo --init DIR)")
+    if cfg.image_rows or cfg.teacher:
+        raise ConfigError("herd dpo trains text models without a teacher: set image_rows=0 and teacher=None")
+    if cfg.tokenizer == "tiny" and (Path(cfg.init) / "tokenizer.json").is_file():
+        cfg = cfg.replace(tokenizer=cfg.init)  # the checkpoint's own tokenizer
+    return train(cfg, resume=resume, rows=pair_rows, objective=dpo_objective(cfg.beta, cfg.label_smoothing))
