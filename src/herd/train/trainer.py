@@ -48,7 +48,7 @@ from herd.train.flops import default_peak_flops, flops_per_token
 from herd.train.inputs import ImageRows, documents, token_bytes_table, tokenizer
 from herd.train.schedule import lr_factor
 from herd.train.train_config import TrainConfig
-from herd.train.validation import IGNORE, text_loss_sums, val_batches, val_metrics
+from herd.train.validation import IGNORE, forward, objective_means, text_loss_sums, val_batches, val_metrics
 
 # settings that may change on resume without changing the run's numbers
 RUNTIME_ONLY = ("max_steps", "out_dir", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last",
@@ -249,7 +249,7 @@ class Run:
         for i, b in enumerate(micro):
             image = i >= cfg.grad_accum
             with self._autocast():
-                logits, router_logits = self._forward(b, return_router_logits=True)
+                logits, router_logits = forward(self.model, b, return_router_logits=True)
             if self.objective is not None:  # its loss replaces the cross-entropy (train's docstring)
                 loss, stats = self.objective(logits, b)
                 loss = loss / len(micro)
@@ -305,12 +305,6 @@ class Run:
             m["kl"], m["alpha"] = kl, alpha
         return m
 
-    def _forward(self, b: dict, **kw):
-        """The model on a packed text batch (documents kept apart by doc_ids) or an image-text batch."""
-        if "pixel_values" in b:
-            kw["pixel_values"] = b["pixel_values"]
-        return self.model(b["input_ids"], doc_ids=b.get("doc_ids"), **kw)
-
     def _alpha(self) -> float:
         from herd.train.distill import alpha_at
 
@@ -345,40 +339,22 @@ class Run:
         if self.val_batches is None:  # the same val batches at every evaluation
             self.val_batches = val_batches(self.cfg, self.tok, self.rank, self.world)
         self.model.eval()
-        if self.objective is not None:
-            return self._evaluate_objective()
+        if self.objective is not None:  # its loss and stats, averaged over this rank's val batches
+            out = objective_means(self.model, self.val_batches, self.objective, self.device, self._autocast)
+            self.model.train()
+            return {"val_bpb": None, **{f"val_{k}": v for k, v in out.items()}}
         sums = text_loss_sums(self.model, self.val_batches, self.bytes_table, self.device, self._autocast)
         out = self._evaluate_images() if self.images is not None else {}
         self.model.train()
         return {**val_metrics(_all_sum(sums.to(self.device), self.world).tolist()), **out}
-
-    def _evaluate_objective(self) -> dict:
-        """The objective's loss and stats, averaged over the val batches (this rank's); sets train mode back."""
-        sums: dict[str, float] = {}
-        for b in self.val_batches:
-            b = {k: v.to(self.device) for k, v in b.items()}
-            with self._autocast():
-                logits = self._forward(b)
-            loss, stats = self.objective(logits, b)
-            for k, v in {"loss": float(loss), **stats}.items():
-                sums[k] = sums.get(k, 0.0) + v / len(self.val_batches)
-        self.model.train()
-        return {"val_bpb": None, **{f"val_{k}": v for k, v in sums.items()}}
 
     def _evaluate_images(self) -> dict:
         """Mean loss over the answer tokens of fixed held-out image-text chats."""
         if self.val_images is None:
             rows = ImageRows(self.cfg, self.tok, self.mcfg.vision_config, "val", self.rank, self.world)
             self.val_images = [next(rows) for _ in range(self.cfg.eval_batches)]
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for b in self.val_images:
-            b = {k: v.to(self.device) for k, v in b.items()}
-            with self._autocast():
-                logits = self._forward(b)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE,
-                                  reduction="sum")
-            sums += torch.stack([nll.double(), (b["labels"] != IGNORE).sum().double()])
-        nats, n = _all_sum(sums, self.world).tolist()
+        sums = text_loss_sums(self.model, self.val_images, None, self.device, self._autocast)
+        nats, n = _all_sum(sums[:2].to(self.device), self.world).tolist()
         return {"val_image_loss": nats / max(n, 1)}
 
     # -- outputs --

@@ -29,19 +29,44 @@ def val_batches(cfg: TrainConfig, tok, rank: int = 0, world: int = 1) -> list[di
     return [b for _, b in zip(range(cfg.eval_batches), val, strict=False)]
 
 
+def forward(model, b: dict, **kw):
+    """The model on a packed text batch (documents kept apart by doc_ids) or an image-text batch (pixel_values)."""
+    if "pixel_values" in b:
+        kw["pixel_values"] = b["pixel_values"]
+    return model(b["input_ids"], doc_ids=b.get("doc_ids"), **kw)
+
+
 @torch.no_grad()
-def text_loss_sums(model, batches: list[dict], bytes_table: torch.Tensor, device, autocast=contextlib.nullcontext):
-    """(4,) float64 on the CPU: nats, targets, text nats, text bytes over `batches` (definitions above)."""
+def text_loss_sums(model, batches: list[dict], bytes_table: torch.Tensor | None, device,
+                   autocast=contextlib.nullcontext) -> torch.Tensor:
+    """(4,) float64 on the CPU: nats, targets, text nats, text bytes over `batches` (definitions above); without a
+    bytes table (image-text chats: answers, not text to count bytes of) the last two are 0."""
     sums = torch.zeros(4, dtype=torch.float64)
-    table = bytes_table.to(device)
+    table = bytes_table.to(device) if bytes_table is not None else None
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         with autocast():
-            logits = model(b["input_ids"], doc_ids=b["doc_ids"])
+            logits = forward(model, b)
         labels = b["labels"].flatten()
         nll = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="none")
+        if table is None:
+            sums[:2] += torch.stack([nll.sum(), (labels != IGNORE).sum()]).double().cpu()
+            continue
         nbytes = table[labels.clamp(min=0)] * (labels != IGNORE)
         sums += torch.stack([nll.sum(), (labels != IGNORE).sum(), nll[nbytes > 0].sum(), nbytes.sum()]).cpu()
+    return sums
+
+
+@torch.no_grad()
+def objective_means(model, batches: list[dict], objective, device, autocast=contextlib.nullcontext) -> dict:
+    """A custom objective's loss and stats (herd.train.trainer.train's `objective`), averaged over `batches`."""
+    sums: dict[str, float] = {}
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast():
+            loss, stats = objective(forward(model, b), b)
+        for k, v in {"loss": float(loss), **stats}.items():
+            sums[k] = sums.get(k, 0.0) + v / len(batches)
     return sums
 
 
