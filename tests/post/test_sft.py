@@ -114,7 +114,7 @@ def test_pruning_drops_the_easiest_and_writes_the_scores(tmp_path, monkeypatch):
     rows = sft_mod.chat_rows(cfg, tiny_tokenizer(), "train")
     assert calls == ["JUDGE-INIT"]  # default judge: the model being tuned
     everything = [encode(c, tiny_tokenizer(), cfg.seq_len) for c in read_jsonl(data)]
-    assert rows.examples == [everything[i] for i in (0, 2, 4, 6)]
+    assert rows.items == [everything[i] for i in (0, 2, 4, 6)]
     recs = [json.loads(x) for x in (tmp_path / "o" / "sft_judge_scores.jsonl").read_text().splitlines()]
     assert [(r["index"], r["score"], r["kept"]) for r in recs] == \
         [(i, s, i in (0, 2, 4, 6)) for i, s in enumerate(scores)]

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from herd.data.packing import rank_slice
 from herd.data.sources import DataError
-from herd.post.sft_data import Conversation, _check, encode, jsonl_records
+from herd.post.sft_data import Conversation, EpochStream, _check, encode, jsonl_records
 from herd.train.inputs import IGNORE
 
 Side = tuple[list[int], list[int]]  # (ids, labels) of one conversation
@@ -108,37 +107,25 @@ def reference_logprobs(init: str, pairs: list[Pair], seq_len: int, pad_id: int, 
     return out
 
 
-class PairPacker:
+class PairPacker(EpochStream):
     """Infinite iterator of batches {"input_ids", "labels", "doc_ids"} (2B, T) and {"ref_chosen", "ref_rejected"}
-    (B,), pairs in a fresh (seed, epoch) order every epoch; `state_dict` is the stream position (ChatPacker's)."""
+    (B,): rows 2i and 2i + 1 are pair i's chosen and rejected sides (EpochStream: order and position)."""
 
     def __init__(self, pairs: list[Pair], refs: list[tuple[float, float]], seq_len: int, batch_size: int,
                  pad_id: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
-        if not pairs or len(pairs) != len(refs):
-            raise ValueError(f"need pairs and one reference per pair, got {len(pairs)} pairs, {len(refs)} references")
-        self.pairs, self.refs, self.seq_len, self.batch_size, self.pad_id = pairs, refs, seq_len, batch_size, pad_id
-        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
-        self.epoch = self.cursor = self.step = 0
-
-    def _order(self) -> np.ndarray:
-        n = len(self.pairs)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
-
-    def __iter__(self) -> PairPacker:
-        return self
+        if len(pairs) != len(refs):
+            raise ValueError(f"need one reference per pair, got {len(pairs)} pairs, {len(refs)} references")
+        super().__init__(pairs, seq_len, batch_size, pad_id, seed, rank, world_size, shuffle, "pairs")
+        self.refs = refs
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        order, taken, pending = list(self._order()), [], []
+        order, taken, pending = self._order(), [], []
 
         def next_row():
             if not pending:  # the next pair: its chosen row, then its rejected row
-                if self.cursor == len(self.pairs):
-                    self.cursor, self.epoch = 0, self.epoch + 1
-                    order[:] = list(self._order())
-                k = int(order[self.cursor])
-                self.cursor += 1
+                k = self._next_index(order)
                 taken.append(self.refs[k])
-                pending.extend(pad_row(side, self.seq_len, self.pad_id) for side in reversed(self.pairs[k]))
+                pending.extend(pad_row(side, self.seq_len, self.pad_id) for side in reversed(self.items[k]))
             return pending.pop()
 
         self.step += 1
@@ -147,13 +134,3 @@ class PairPacker:
         batch["ref_chosen"] = torch.tensor([c for c, _ in mine], dtype=torch.float32)  # (B,)
         batch["ref_rejected"] = torch.tensor([r for _, r in mine], dtype=torch.float32)  # (B,)
         return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "step": self.step, "seed": self.seed,
-                "n_pairs": len(self.pairs)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["seed"], state["n_pairs"]) != (self.seed, len(self.pairs)):
-            raise ValueError(f"data state is for seed {state['seed']} and {state['n_pairs']} pairs, this run has "
-                             f"seed {self.seed} and {len(self.pairs)}: the stream would differ")
-        self.epoch, self.cursor, self.step = int(state["epoch"]), int(state["cursor"]), int(state["step"])

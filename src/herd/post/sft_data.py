@@ -153,21 +153,50 @@ def encode(conv: Conversation, tok, max_len: int) -> tuple[list[int], list[int]]
 
 
 # ---- packing -------------------------------------------------------------------------------------------------------
-class ChatPacker:
-    """Infinite iterator of (B, T) batches {"input_ids", "labels", "doc_ids"} of whole conversations, in a fresh
-    (seed, epoch) order every epoch; `state_dict` is the stream position, so a restored packer continues exactly."""
+class EpochStream:
+    """The position in an endless stream of `items` read in a fresh (seed, epoch) order every epoch, shared by the
+    post-training packers: `_next_index(order)` takes the next item (starting a new epoch, in a new order, after the
+    last), and `state_dict` / `load_state_dict` save and restore the position, so a resumed run reads exactly on."""
 
-    def __init__(self, examples: list[tuple[list[int], list[int]]], seq_len: int, batch_size: int, pad_id: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
-        if not examples:
-            raise ValueError("no conversations to pack")
-        self.examples, self.seq_len, self.batch_size, self.pad_id = examples, seq_len, batch_size, pad_id
+    def __init__(self, items: list, seq_len: int, batch_size: int, pad_id: int, seed: int, rank: int,
+                 world_size: int, shuffle: bool, noun: str):
+        if not items:
+            raise ValueError(f"no {noun} to pack")
+        self.items, self.seq_len, self.batch_size, self.pad_id, self.noun = items, seq_len, batch_size, pad_id, noun
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         self.epoch = self.cursor = self.step = 0
 
-    def _order(self) -> np.ndarray:
-        n = len(self.examples)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+    def _order(self) -> list[int]:
+        n = len(self.items)
+        return list(np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else range(n))
+
+    def _next_index(self, order: list[int]) -> int:
+        if self.cursor == len(self.items):  # a new epoch, in a new order
+            self.cursor, self.epoch = 0, self.epoch + 1
+            order[:] = self._order()
+        self.cursor += 1
+        return int(order[self.cursor - 1])
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "step": self.step, "seed": self.seed,
+                "n_items": len(self.items)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["seed"], state["n_items"]) != (self.seed, len(self.items)):
+            raise ValueError(f"data state is for seed {state['seed']} and {state['n_items']} {self.noun}, this run "
+                             f"has seed {self.seed} and {len(self.items)}: the stream would differ")
+        self.epoch, self.cursor, self.step = int(state["epoch"]), int(state["cursor"]), int(state["step"])
+
+
+class ChatPacker(EpochStream):
+    """Infinite iterator of (B, T) batches {"input_ids", "labels", "doc_ids"} of whole conversations (EpochStream)."""
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], seq_len: int, batch_size: int, pad_id: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        super().__init__(examples, seq_len, batch_size, pad_id, seed, rank, world_size, shuffle, "conversations")
 
     def _row(self, order: list) -> tuple[list[int], list[int], list[int]]:
         ids: list[int] = []
@@ -175,36 +204,24 @@ class ChatPacker:
         doc_ids: list[int] = []
         doc = 0
         while True:
-            if self.cursor == len(self.examples):  # a new epoch, in a new order
+            if self.cursor == len(self.items):  # peek past an epoch's end: the next conversation may not fit
                 self.cursor, self.epoch = 0, self.epoch + 1
-                order[:] = list(self._order())
-            x, y = self.examples[order[self.cursor]]
+                order[:] = self._order()
+            x, y = self.items[order[self.cursor]]
             if len(ids) + len(x) > self.seq_len and ids:
                 break  # whole conversations only: this one starts the next row
             ids, labels, doc_ids = ids + x, labels + y, doc_ids + [doc] * len(x)
-            doc, self.cursor = doc + 1, self.cursor + 1
+            doc = doc + 1
+            self._next_index(order)
             if len(ids) == self.seq_len:
                 break
         pad = self.seq_len - len(ids)
         return ids + [self.pad_id] * pad, labels + [IGNORE] * pad, doc_ids + [-1] * pad
 
-    def __iter__(self) -> ChatPacker:
-        return self
-
     def __next__(self) -> dict[str, torch.Tensor]:
-        order = list(self._order())
+        order = self._order()
         self.step += 1
         return rank_slice(lambda: self._row(order), self.batch_size, self.world_size, self.rank)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "step": self.step, "seed": self.seed,
-                "n_docs": len(self.examples)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["seed"], state["n_docs"]) != (self.seed, len(self.examples)):
-            raise ValueError(f"data state is for seed {state['seed']} and {state['n_docs']} conversations, this run "
-                             f"has seed {self.seed} and {len(self.examples)}: the stream would differ")
-        self.epoch, self.cursor, self.step = int(state["epoch"]), int(state["cursor"]), int(state["step"])
 
 
 def pad_id(tok) -> int:

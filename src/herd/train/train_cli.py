@@ -62,28 +62,23 @@ def add_train_parser(subparsers) -> None:
     sp.add_argument("--resume", action="store_true", help="continue this mid-training run from its checkpoint")
     common(sp)
     sp.set_defaults(fn=run_train, stage="midtrain", preset="tiny-midtrain")
-    # herd sft (herd.post.sft): the same loop on chats; --data is the conversations (sft_data), not documents
-    sp = subparsers.add_parser("sft", help="supervised fine-tuning on chats (.jsonl or tasks:NAME), easy data pruned",
-                               description="Fine-tune a checkpoint on conversations, loss on the assistant's tokens "
-                                           "only. prune_easy=0.5 drops the half a judge finds easiest. Any "
-                                           "TrainConfig field: key=value.")
-    sp.add_argument("--init", help="the model to tune (a run directory or a Hugging Face checkpoint)")
-    sp.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
-                    help="continue the SFT run in DIR (or in --out) from its newest checkpoint")
-    sp.add_argument("--preset", default="sft", help="training preset (herd.train.train_config.TRAIN_PRESETS)")
-    common(sp)
-    sp.set_defaults(fn=run_train, stage="sft")
-    # herd dpo (herd.post.dpo): the same loop on preference pairs, the DPO loss in place of the cross-entropy
-    sp = subparsers.add_parser("dpo", help="direct preference optimisation on (chosen, rejected) pairs (.jsonl)",
-                               description="Tune a checkpoint on preference pairs with the DPO loss, the checkpoint "
-                                           "itself as the frozen reference. Any TrainConfig field: key=value.")
-    sp.add_argument("--init", help="the model to tune, also the reference (a run directory or a HF checkpoint)")
-    sp.add_argument("--pairs", help="a .jsonl of {\"messages\", \"chosen\", \"rejected\"} lines (dpo_pairs)")
-    sp.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
-                    help="continue the DPO run in DIR (or in --out) from its newest checkpoint")
-    sp.add_argument("--preset", default="dpo", help="training preset (herd.train.train_config.TRAIN_PRESETS)")
-    common(sp)
-    sp.set_defaults(fn=run_train, stage="dpo")
+    # herd sft / herd dpo (herd.post): the same loop on chats (--data: sft_data) or on preference pairs (--pairs)
+    for stage, help_, what, init_help in (
+            ("sft", "supervised fine-tuning on chats (.jsonl or tasks:NAME), easy data pruned",
+             "Fine-tune a checkpoint on conversations, loss on the assistant's tokens only. prune_easy=0.5 drops the "
+             "half a judge finds easiest.", "the model to tune (a run directory or a Hugging Face checkpoint)"),
+            ("dpo", "direct preference optimisation on (chosen, rejected) pairs (.jsonl)",
+             "Tune a checkpoint on preference pairs with the DPO loss, the checkpoint itself as the frozen "
+             "reference.", "the model to tune, also the reference (a run directory or a HF checkpoint)")):
+        sp = subparsers.add_parser(stage, help=help_, description=f"{what} Any TrainConfig field: key=value.")
+        sp.add_argument("--init", help=init_help)
+        if stage == "dpo":
+            sp.add_argument("--pairs", help="a .jsonl of {\"messages\", \"chosen\", \"rejected\"} lines (dpo_pairs)")
+        sp.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                        help=f"continue the {stage.upper()} run in DIR (or in --out) from its newest checkpoint")
+        sp.add_argument("--preset", default=stage, help="training preset (herd.train.train_config.TRAIN_PRESETS)")
+        common(sp)
+        sp.set_defaults(fn=run_train, stage=stage)
 
 
 def _overrides(args) -> list[str]:

@@ -253,7 +253,7 @@ class Run:
             if self.objective is not None:  # its loss replaces the cross-entropy (train's docstring)
                 loss, stats = self.objective(logits, b)
                 loss = loss / len(micro)
-                ce_sum = loss.detach() * n_text  # so the logged `loss` below is the objective's step mean
+                ce_sum = loss.detach()  # its share of the step's mean: summed below, logged as `loss`
                 extra = {k: extra.get(k, 0.0) + v / len(micro) for k, v in stats.items()}
             else:
                 ce_sum = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE,
@@ -282,7 +282,8 @@ class Run:
             else:
                 balance.update_biases(model, loads, cfg.bias_rate)  # sums the loads over ranks itself
         loads = _all_sum(loads, self.world)  # for the log: the whole step's tokens
-        loss_val = float(_all_sum(ce / n_text, self.world)) / self.world  # text cross-entropy: comparable across runs
+        # text cross-entropy (comparable across runs), or a custom objective's step mean
+        loss_val = float(_all_sum(ce / (1 if self.objective is not None else n_text), self.world)) / self.world
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         if not (math.isfinite(loss_val) and math.isfinite(gnorm)):
