@@ -1,6 +1,7 @@
 # herd - everything a fresh machine needs comes from here.
 #   make test   create .venv if missing, install torch + herd[dev], run the whole suite
-#   make demo   the README's main job: train the tiny multimodal model on the built-in data (a few minutes), samples
+#   make demo   the README's main job: the post-training recipe (pretrain -> SFT -> RL -> DPO) with its report card
+#   make demo-multimodal   train the tiny multimodal model on the built-in text and synthetic scenes
 # GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ BROWSER := $(VENV)/.chromium-installed
 COMPILER := $(VENV)/.compiler-checked
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo lint bench install clean
+.PHONY: test demo demo-multimodal lint bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +47,13 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/herd info --preset llama4-scout
 	rm -rf runs/demo
-	$(BIN)/herd train --preset tiny-multimodal --out runs/demo steps=1200 warmup=50 log_every=50 eval_every=200
-	@echo "plots: runs/demo/loss.png runs/demo/expert_load.png; scenes asked about: runs/demo/scene_*.png"
+	$(BIN)/herd recipe --preset demo --out runs/demo
+	@echo "report card: runs/demo/report.md; plots: runs/demo/*.png"
+
+demo-multimodal: $(STAMP)
+	rm -rf runs/demo-multimodal
+	$(BIN)/herd train --preset tiny-multimodal --out runs/demo-multimodal steps=1200 warmup=50 log_every=50 eval_every=200
+	@echo "plots: runs/demo-multimodal/*.png; scenes asked about: runs/demo-multimodal/scene_*.png"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py

@@ -219,7 +219,7 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(  # a ConfigError (a bad value, named) ends here, before any weights load
         model=args.model, name=args.name, host=args.host, port=args.port, device=_device(args.device),
         dtype=args.dtype, quantize=args.quantize, group_size=args.group_size, max_batch=args.max_batch,
-        compile=args.compile, cuda_graphs=args.cuda_graphs, media_dir=args.media_dir,
+        compile=args.compile, cuda_graphs=args.cuda_graphs, media_dir=args.media_dir, weights_dir=args.weights_dir,
         # `is None`, not `or`: an empty --api-key must reach ServeConfig's check, not silently mean "no key"
         api_key=args.api_key if args.api_key is not None else os.environ.get("HERD_API_KEY"),
         allowed_origins=None if args.allowed_origins is None else tuple(
@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--compile", action="store_true",
                     help="fixed-shape decode step through torch.compile (every batch size compiled at start)")
     sp.add_argument("--media-dir", default=None, help="folder whose image files requests may name by path")
+    sp.add_argument("--weights-dir", default=None, metavar="DIR",
+                    help="turn on POST /v1/weights: a trainer pushes new weights, read only from subfolders of DIR")
     sp.add_argument("--api-key", default=None,
                     help="require Authorization: Bearer KEY on the /v1 routes (or set HERD_API_KEY); not empty")
     sp.add_argument("--max-request-mb", type=int, default=64, help="larger request bodies get 413")

@@ -1,6 +1,6 @@
 """`herd chat`: a conversation in the terminal, streamed token by token, with images and /commands.
 
-    herd chat --model runs/demo/hf [--system "..."] [--temperature 0.7] [--max-new-tokens 256]
+    herd chat --model runs/demo/dpo/hf [--system "..."] [--temperature 0.7] [--max-new-tokens 256]
 
 Type a message and press Enter. Commands:
   /image PATH     attach an image (a path or a data: URL) to your next message; repeat for several

@@ -16,7 +16,7 @@ from herd.chat import format_chat
 from herd.cli import main as herd_cli
 from herd.data.sources import DataError
 from herd.post import sft as sft_mod
-from herd.post.sft_data import ChatPacker, Conversation, encode, read_jsonl
+from herd.post.sft_data import ChatPacker, Conversation, Example, encode, example, read_jsonl
 from herd.tokenizer import tiny_tokenizer
 from herd.train import snapshots as ckpt
 from herd.train import train_preset
@@ -66,7 +66,7 @@ def test_labels_are_exactly_the_assistant_tokens():
 
 
 def test_packing_keeps_conversations_apart_and_resumes():
-    examples = [([10 + i] * n, [i] * (n - 1) + [IGNORE]) for i, n in enumerate([5, 3, 7, 4, 6, 2])]
+    examples = [Example([10 + i] * n, [i] * (n - 1) + [IGNORE]) for i, n in enumerate([5, 3, 7, 4, 6, 2])]
     packer = ChatPacker(examples, seq_len=10, batch_size=2, pad_id=0, seed=1)
     seen = []
     for _ in range(3):
@@ -77,7 +77,8 @@ def test_packing_keeps_conversations_apart_and_resumes():
                 span = [k for k, x in enumerate(docs) if x == d]
                 assert span == list(range(span[0], span[0] + len(span)))
                 i = ids[span[0]] - 10
-                assert (ids[span[0]:span[-1] + 1], labels[span[0]:span[-1] + 1]) == examples[i]
+                assert (ids[span[0]:span[-1] + 1], labels[span[0]:span[-1] + 1]) == (examples[i].ids,
+                                                                          examples[i].labels)
                 seen.append(i)
             real = [x for x in docs if x != -1]
             assert real == sorted(real) and sorted(set(real)) == list(range(len(set(real))))  # 0, 1, ... in order
@@ -104,7 +105,7 @@ def test_pruning_drops_the_easiest_and_writes_the_scores(tmp_path, monkeypatch):
     scores = [5.0, 1.0, 3.0, 0.5, 4.0, 2.0, 6.0, 2.0]  # the easiest half: indices 3, 1, 5, 7 (ties by index)
     calls = []
 
-    def fake(judge, examples, device="cpu", batch_size=8):
+    def fake(judge, examples, device="cpu", batch_size=8, vision=None):
         calls.append(judge)
         return scores[:len(examples)]
 
@@ -113,7 +114,7 @@ def test_pruning_drops_the_easiest_and_writes_the_scores(tmp_path, monkeypatch):
     cfg = train_preset("sft", sft_data=str(data), init="JUDGE-INIT", prune_easy=0.5, out_dir=str(tmp_path / "o"))
     rows = sft_mod.chat_rows(cfg, tiny_tokenizer(), "train")
     assert calls == ["JUDGE-INIT"]  # default judge: the model being tuned
-    everything = [encode(c, tiny_tokenizer(), cfg.seq_len) for c in read_jsonl(data)]
+    everything = [example(c, tiny_tokenizer(), cfg.seq_len) for c in read_jsonl(data)]
     assert rows.items == [everything[i] for i in (0, 2, 4, 6)]
     recs = [json.loads(x) for x in (tmp_path / "o" / "sft_judge_scores.jsonl").read_text().splitlines()]
     assert [(r["index"], r["score"], r["kept"]) for r in recs] == \
@@ -131,7 +132,13 @@ def test_pruning_drops_the_easiest_and_writes_the_scores(tmp_path, monkeypatch):
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": null, "tool_calls": '
      '[{"function": {"name": "f", "arguments": "{oops"}}]}]}', "line 2: tool call 'f' has arguments that are not JSON"),
     ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}, '
-     '{"role": "assistant", "content": "x"}]}', "line 2: message 0 holds an image"),
+     '{"role": "assistant", "content": "x"}]}', "line 2: message 0: image file 'a.png' not found"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}]}, '
+     '{"role": "assistant", "content": "x"}]}', "line 2: message 0: remote image 'https://x/a.png': herd does not"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}]}',
+     "line 2: message 0: an image part needs a source"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "image_url", '
+     '"image_url": {"url": "a.png"}}]}]}', "line 2: message 1 .assistant. holds an image; images go in user"),
 ])
 def test_malformed_lines_name_the_line_and_the_problem(tmp_path, line, message):
     path = _jsonl(tmp_path / "bad.jsonl", 1)
@@ -181,4 +188,4 @@ def test_herd_sft_on_tasks(base, tmp_path):
                      "sft_examples=8", "steps=2", "--max-steps", "2"]) == 0
     assert (out / "hf" / "model.safetensors").is_file()
     assert herd_cli(["sft", "--init", str(base), "--data", "tasks:scenes", "--out", str(tmp_path / "no"),
-                     *SMALL]) == 2  # image tasks are refused, clearly (text models only for now)
+                     *SMALL]) == 2  # image tasks need a multimodal init (tests/post/test_sft_images.py)

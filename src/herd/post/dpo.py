@@ -1,6 +1,7 @@
 """Direct preference optimisation: `dpo(cfg)` runs herd's trainer on (chosen, rejected) pairs.
 
     herd dpo --init runs/sft/hf --pairs pairs.jsonl --out runs/dpo [beta=0.1 label_smoothing=0.0 key=value ...]
+    herd dpo --init runs/sft/hf --from-rollouts runs/rl/rollouts.jsonl|tasks:NAME --out runs/dpo [prefer=correct]
     herd dpo --resume runs/dpo
 
 One loop: the pairs (herd.post.dpo_data: padded chosen / rejected rows with the frozen reference's log-probs
@@ -12,12 +13,16 @@ reward_margin and pref_acc, the share of pairs whose chosen answer gets the high
 https://huggingface.co/docs/trl/dpo_trainer). Validation is the same loss and `val_pref_acc` on the held-out pairs
 (every 20th).
 
-The config is a TrainConfig (preset "dpo") with `init`, `dpo_pairs`, `beta` and `label_smoothing` set. The reference
-model is `init` itself (the model before DPO), as in the paper.
+The config is a TrainConfig (preset "dpo") with `init`, `beta`, `label_smoothing` and one source of pairs: a pairs
+file (`dpo_pairs`), or rollouts (`dpo_rollouts`: an RL run's rollouts.jsonl, or tasks:NAME to sample the `init`
+model's own answers) that herd.post.dpo_pairs turns into pairs by `prefer` and writes to out_dir/dpo_pairs.jsonl. A
+resumed run reads that file back rather than building the pairs again, so it trains on exactly the same ones. The
+reference model is `init` itself (the model before DPO), as in the paper.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,15 +30,40 @@ import torch
 from herd.config import ConfigError
 from herd.post.dpo_data import PairPacker, encode_pair, read_pairs, reference_logprobs
 from herd.post.dpo_loss import dpo_loss, sequence_logprobs
+from herd.post.dpo_pairs import PAIRS_FILE, rollout_pairs
 from herd.post.sft_data import pad_id, val_split
 
 
-def pair_rows(cfg, tok, split: str, rank: int = 0, world: int = 1) -> PairPacker:
-    """The trainer's `rows` for DPO: the pairs of `split` with the reference log-probs of `cfg.init`."""
-    pairs = [encode_pair(p, tok, cfg.seq_len) for p in val_split(read_pairs(cfg.dpo_pairs), split)]
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    refs = reference_logprobs(cfg.init, pairs, cfg.seq_len, pad_id(tok), device, cfg.batch_size)
-    return PairPacker(pairs, refs, cfg.seq_len, cfg.batch_size, pad_id(tok), seed=cfg.seed, rank=rank,
+def _device(cfg) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+
+
+def pair_source(resume: bool):
+    """(cfg, tok, rank) -> the run's checked pairs, built once and kept for the train and val splits: the
+    `dpo_pairs` file, or pairs from `dpo_rollouts` - read back from out_dir/dpo_pairs.jsonl on resume."""
+    built: list = []
+
+    def pairs(cfg, tok, rank: int) -> list:
+        if not built:
+            saved = Path(cfg.out_dir) / PAIRS_FILE
+            if cfg.dpo_pairs:
+                built.append(read_pairs(cfg.dpo_pairs))
+            elif resume and saved.is_file():
+                built.append(read_pairs(saved))
+            else:
+                built.append(rollout_pairs(cfg, tok, _device(cfg), main=rank == 0))
+        return built[0]
+
+    return pairs
+
+
+def pair_rows(cfg, tok, split: str, rank: int = 0, world: int = 1, pairs=None) -> PairPacker:
+    """The trainer's `rows` for DPO: the pairs of `split` with the reference log-probs of `cfg.init`. `pairs`: a
+    pair_source (default: read cfg.dpo_pairs)."""
+    found = read_pairs(cfg.dpo_pairs) if pairs is None else pairs(cfg, tok, rank)
+    encoded = [encode_pair(p, tok, cfg.seq_len) for p in val_split(found, split)]
+    refs = reference_logprobs(cfg.init, encoded, cfg.seq_len, pad_id(tok), _device(cfg), cfg.batch_size)
+    return PairPacker(encoded, refs, cfg.seq_len, cfg.batch_size, pad_id(tok), seed=cfg.seed, rank=rank,
                       world_size=world, shuffle=split == "train")
 
 
@@ -51,15 +81,19 @@ def dpo_objective(beta: float, label_smoothing: float = 0.0):
 
 
 def dpo(cfg, resume: bool = False) -> dict:
-    """Tune `cfg.init` on the pairs in `cfg.dpo_pairs` (or continue the run in cfg.out_dir); the trainer's summary."""
+    """Tune `cfg.init` on the pairs of `cfg.dpo_pairs` or `cfg.dpo_rollouts` (or continue the run in cfg.out_dir);
+    the trainer's summary."""
     from herd.train.trainer import train
 
-    if not cfg.dpo_pairs:
-        raise ConfigError("DPO needs preference pairs: dpo_pairs=FILE.jsonl (herd dpo --pairs FILE.jsonl)")
+    if bool(cfg.dpo_pairs) == bool(cfg.dpo_rollouts):
+        raise ConfigError("DPO needs one source of preference pairs: a pairs file (dpo_pairs=FILE.jsonl, herd dpo "
+                          "--pairs FILE.jsonl) or rollouts (dpo_rollouts=ROLLOUTS.jsonl|tasks:NAME, herd dpo "
+                          "--from-rollouts ...)" + (", not both" if cfg.dpo_pairs else ""))
     if cfg.init is None:
         raise ConfigError("DPO tunes a model against itself as reference: give init=DIR (herd dpo --init DIR)")
     if cfg.image_rows or cfg.teacher:
         raise ConfigError("herd dpo trains text models without a teacher: set image_rows=0 and teacher=None")
     if cfg.tokenizer == "tiny" and (Path(cfg.init) / "tokenizer.json").is_file():
         cfg = cfg.replace(tokenizer=cfg.init)  # the checkpoint's own tokenizer
-    return train(cfg, resume=resume, rows=pair_rows, objective=dpo_objective(cfg.beta, cfg.label_smoothing))
+    return train(cfg, resume=resume, rows=partial(pair_rows, pairs=pair_source(resume)),
+                 objective=dpo_objective(cfg.beta, cfg.label_smoothing))

@@ -64,6 +64,10 @@ class Sampled:
     scores: list[Score]
     lengths: list[int]  # generated tokens per completion
     errors: list[str | None]  # the engine's message for a failed request, else None
+    output_ids: list[list[int]] | None = None  # with logprobs=True: each completion's token ids (the stop included)
+    logprobs: list[list[float]] | None = None  # ... and the engine's (raw) log-prob of each of them
+    pixel_values: object = None  # the prompt's preprocessed images (tiles, 3, H, W), or None
+    prompt_ids: list[int] | None = None  # with logprobs=True: the prompt's token ids
 
     @property
     def correct(self) -> int:
@@ -80,9 +84,10 @@ def sample_seed(seed: int, example: Example, j: int) -> int:
 
 def sample_examples(model, tokenizer, tasks: Mapping[str, Task], examples: Sequence[Example], k: int = 8,
                     temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0, max_batch: int = 32,
-                    progress: Progress | None = None) -> list[Sampled]:
+                    progress: Progress | None = None, logprobs: bool = False) -> list[Sampled]:
     """k completions of every example through one Engine, each scored by its task's verifier (`tasks[ex.task]`).
-    Images in the messages go to the model's vision tower, `example.tools` into the prompt."""
+    Images in the messages go to the model's vision tower, `example.tools` into the prompt. logprobs=True also
+    returns every completion's token ids and their log-probs (what RL trains on, herd.post.rollouts)."""
     from herd.chat import prepare_chat, tiling
     from herd.infer.engine import Engine
     from herd.infer.sampling import SamplingParams
@@ -107,20 +112,24 @@ def sample_examples(model, tokenizer, tasks: Mapping[str, Task], examples: Seque
             ids, images = prepare_chat(ex.messages, tokenizer, tools=ex.tools, **layout)
             pixels = images.pixel_values if images is not None else None
             seeds = [sample_seed(seed, ex, j) for j in range(k)]
-            params = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=s) for s in seeds]
-            groups.append((ex, len(ids), seeds, [engine.request(ids, p, pixels, on_delta) for p in params]))
+            params = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=s,
+                                     logprobs=logprobs) for s in seeds]
+            reqs = [engine.request(ids, p, pixels, on_delta) for p in params]
+            groups.append((ex, len(ids), seeds, reqs, pixels, ids))
         except ValueError as e:
             raise ValueError(f"task {ex.task!r}, example seed {ex.seed}: {e}") from None
-    for *_, reqs in groups:
-        for req in reqs:
+    for group in groups:
+        for req in group[3]:
             engine.add(req)
     engine.run()
     out = []
-    for ex, prompt_len, seeds, reqs in groups:
+    for ex, prompt_len, seeds, reqs, pixels, ids in groups:
         task = tasks[ex.task]
         scores = [task.score(ex, r.text) if r.finish_reason != "error" else Score(0.0, False, False) for r in reqs]
         out.append(Sampled(ex, prompt_len, seeds, [r.text for r in reqs], scores, [len(r.output_ids) for r in reqs],
-                           [r.error for r in reqs]))
+                           [r.error for r in reqs], [list(r.output_ids) for r in reqs] if logprobs else None,
+                           [[lp["logprob"] for lp in r.logprobs] for r in reqs] if logprobs else None,
+                           pixels, ids if logprobs else None))
     return out
 
 

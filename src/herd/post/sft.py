@@ -16,40 +16,57 @@ judge (any herd checkpoint; default the model being tuned) scores every training
 per answer token (the assistant tokens; lower = easier), and the easiest `prune_easy` share is dropped before
 training (ties broken by example index). Every example's score and whether it was kept go to
 out/sft_judge_scores.jsonl so a run can be audited. Scoring is deterministic, so a resumed run scores again and
-keeps the same examples.
+keeps the same examples. Conversations with images need a judge with a vision tower that tiles images as the tuned
+model does (the same token layout).
+
+Multimodal SFT: with a multimodal `init` (vision tower + decoder) the conversations may hold images
+(herd.post.sft_data); the trainer runs the multimodal model on batches with `pixel_values`, and the export is the
+multimodal checkpoint. The vision config is read from `init`'s config before the trainer loads the weights, since
+the conversations' image tokens depend on its tiling.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from herd.config import ConfigError
-from herd.post.sft_data import ChatPacker, conversations, encode, pad_id
+from herd.post.sft_data import ChatPacker, Example, conversations, example, pad_id, tiles
 from herd.train.inputs import IGNORE
 
 SCORES_FILE = "sft_judge_scores.jsonl"
 
 
+def _tiling(v) -> tuple | None:
+    return None if v is None else (v.image_size, v.max_tiles, v.tokens_per_tile)
+
+
 @torch.no_grad()
-def judge_scores(judge: str, examples: list[tuple[list[int], list[int]]], device: str = "cpu",
-                 batch_size: int = 8) -> list[float]:
-    """The judge model's mean loss (nats) per answer token of every example (ids, labels)."""
+def judge_scores(judge: str, examples: list[Example], device: str = "cpu", batch_size: int = 8,
+                 vision=None) -> list[float]:
+    """The judge model's mean loss (nats) per answer token of every example; `vision`: the vision config the
+    examples' image tokens were laid out for."""
     from herd.train.snapshots import load_model
 
-    model, _ = load_model(judge)
+    model, mcfg = load_model(judge)
+    if any(ex.images for ex in examples) and _tiling(mcfg.vision_config) != _tiling(vision):
+        raise ConfigError(f"judge {judge} cannot score conversations with images: it needs a vision tower that tiles "
+                          f"as the tuned model's does; give judge=DIR of such a multimodal checkpoint (default: init)")
     model.to(device).eval()
     out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        T = max(len(x) for x, _ in chunk)
+        T = max(len(ex.ids) for ex in chunk)
         # right padding: causal attention keeps the real tokens from seeing it, and its labels are ignored
-        ids = torch.tensor([x + [0] * (T - len(x)) for x, _ in chunk], device=device)  # (B, T)
-        labels = torch.tensor([y + [IGNORE] * (T - len(y)) for _, y in chunk], device=device)  # (B, T)
-        logits = model(ids).float()  # (B, T, V)
+        ids = torch.tensor([ex.ids + [0] * (T - len(ex.ids)) for ex in chunk], device=device)  # (B, T)
+        labels = torch.tensor([ex.labels + [IGNORE] * (T - len(ex.labels)) for ex in chunk], device=device)  # (B, T)
+        images = [src for ex in chunk for src in ex.images]  # row by row, as the model fills <|patch|> tokens
+        kw = {"pixel_values": tiles(images, vision).to(device)} if images else {}
+        logits = model(ids, **kw).float()  # (B, T, V)
         nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # (B, T)
         out += (nll.sum(1) / (labels != IGNORE).sum(1).clamp(min=1)).tolist()
     return out
@@ -63,12 +80,12 @@ def prune_easy(scores: list[float], frac: float) -> list[int]:
     return [i for i in range(len(scores)) if i not in dropped]
 
 
-def _prune(cfg, convs, examples, main: bool) -> list[int]:
+def _prune(cfg, convs, examples, main: bool, vision=None) -> list[int]:
     judge = cfg.judge or cfg.init
     if judge is None:
         raise ConfigError("prune_easy needs a judge: set judge=DIR (or init, the model being tuned)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    scores = judge_scores(judge, examples, device, cfg.batch_size)
+    scores = judge_scores(judge, examples, device, cfg.batch_size, vision=vision)
     kept = prune_easy(scores, cfg.prune_easy)
     if main:
         out = Path(cfg.out_dir)
@@ -82,15 +99,27 @@ def _prune(cfg, convs, examples, main: bool) -> list[int]:
     return kept
 
 
-def chat_rows(cfg, tok, split: str, rank: int = 0, world: int = 1) -> ChatPacker:
-    """The trainer's `rows` for SFT: packed conversations of `split`, the train split pruned by the judge."""
+def chat_rows(cfg, tok, split: str, rank: int = 0, world: int = 1, vision=None) -> ChatPacker:
+    """The trainer's `rows` for SFT: packed conversations of `split`, the train split pruned by the judge. `vision`:
+    the tuned model's VisionConfig (None: text-only, which refuses conversations with images)."""
     convs = conversations(cfg, split)
-    examples = [encode(c, tok, cfg.seq_len) for c in convs]
+    examples = [example(c, tok, cfg.seq_len, vision) for c in convs]
     if split == "train" and cfg.prune_easy > 0:
-        kept = _prune(cfg, convs, examples, rank == 0)
+        kept = _prune(cfg, convs, examples, rank == 0, vision)
         examples = [examples[i] for i in kept]
     return ChatPacker(examples, cfg.seq_len, cfg.batch_size, pad_id(tok), seed=cfg.seed, rank=rank,
-                      world_size=world, shuffle=split == "train")
+                      world_size=world, shuffle=split == "train", vision=vision)
+
+
+def vision_config(path: str | Path):
+    """The VisionConfig of the model at `path` (a training run / snapshot or a Hugging Face dir), None for a text
+    model; read from its config, without the weights."""
+    from herd.formats.hf import load_config
+    from herd.train.snapshots import load_snapshot, model_config
+
+    found = load_snapshot(path, ("state",))
+    mcfg = model_config(found[1]["state"]["model_config"]) if found is not None else load_config(path)
+    return mcfg.vision_config
 
 
 def sft(cfg, resume: bool = False) -> dict:
@@ -102,7 +131,9 @@ def sft(cfg, resume: bool = False) -> dict:
     if cfg.init is None and not resume:
         raise ConfigError("SFT tunes a model: give init=DIR (herd sft --init DIR)")
     if cfg.image_rows:
-        raise ConfigError("herd sft trains text models only for now: set image_rows=0")
+        raise ConfigError("herd sft takes its images from the conversations (sft_data), not from image rows: set "
+                          "image_rows=0")
     if cfg.init and cfg.tokenizer == "tiny" and (Path(cfg.init) / "tokenizer.json").is_file():
         cfg = cfg.replace(tokenizer=cfg.init)  # the checkpoint's own tokenizer
-    return train(cfg, resume=resume, rows=chat_rows)
+    vision = vision_config(cfg.init) if cfg.init else None  # what the trainer's build_model will load
+    return train(cfg, resume=resume, rows=partial(chat_rows, vision=vision))

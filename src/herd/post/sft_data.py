@@ -16,7 +16,18 @@ predict nothing - as TRL's SFTTrainer does with `assistant_only_loss=True`
 (a conversation that does not fit starts the next row; the rest of the row is padding) with doc ids, so
 conversations never attend to each other and positions restart at each (herd.data.packing's convention).
 
-Images are not supported yet: herd sft trains the text model, and a conversation with an image part is refused.
+Images (multimodal models: vision tower + decoder): a JSONL user turn may hold OpenAI image parts,
+{"type": "image_url", "image_url": {"url": "data:image/png;base64,..." or a path}}, paths relative to the JSONL
+file's folder (herd.data.sources' convention; checked to exist when read; remote URLs are refused, as herd.image
+does); `tasks:scenes` gives PIL images. herd.chat lays out each image's tokens by its tile grid for the model's
+vision config, so SFT on images needs a model with a vision tower (DataError otherwise). Image tokens, like the
+rest of the prompt, are never targets. Packing is unchanged: the multimodal model writes the image features into
+the `<|patch|>` positions of the whole batch in row-major order (herd.model.multimodal.fuse, `masked_scatter`), and
+vision tiles are encoded independently of each other, so a batch's `pixel_values` are simply the tiles of its
+rows' images in the order their tokens appear (row by row, conversation by conversation); doc ids keep the
+conversations apart as for text. Tiles are made again whenever a batch holds a conversation (only the image
+sources are kept), because a data set's tiles would not fit in memory; preprocessing is deterministic, so the
+batches, and a resumed run, are exact.
 """
 
 from __future__ import annotations
@@ -43,14 +54,44 @@ class Conversation:
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------
-def _check(rec, where: str) -> Conversation:
-    """A conversation from one parsed JSONL record, or a DataError saying what is wrong with it."""
+def _image_url(src, root: Path, where: str, j: int) -> str:
+    """An image part's source as prepare_chat will load it: a data URL, or the absolute path of an existing file."""
+    if not isinstance(src, str) or not src:
+        raise DataError(f"{where}: message {j}: an image part needs a source: {{\"type\": \"image_url\", "
+                        f"\"image_url\": {{\"url\": \"data:image/png;base64,...\" or a path relative to {root}}}}}")
+    if src.startswith("data:"):
+        return src
+    if src.startswith(("http://", "https://")):
+        raise DataError(f"{where}: message {j}: remote image {src[:80]!r}: herd does not fetch URLs; download it and "
+                        "give its path (relative to the JSONL file's folder) or a data URL")
+    path = root / src  # an absolute path stays as it is
+    if not path.is_file():
+        raise DataError(f"{where}: message {j}: image file {src!r} not found (looked for {path})")
+    return str(path)
+
+
+def _with_images(m: dict, root: Path, where: str, j: int) -> dict:
+    """A user message with every image part as {"type": "image_url", "image_url": {"url": resolved source}}."""
+    from herd.chat import collect_images
+
+    if m["role"] != "user":
+        raise DataError(f"{where}: message {j} ({m['role']}) holds an image; images go in user messages")
+    sources = iter(collect_images([m]))  # herd.chat's reading of the parts, in order
+    parts = [{"type": "image_url", "image_url": {"url": _image_url(next(sources), root, where, j)}}
+             if isinstance(p, dict) and p.get("type") in ("image", "image_url") else p for p in m["content"]]
+    return {**m, "content": parts}
+
+
+def _check(rec, where: str, root: Path | None = None) -> Conversation:
+    """A conversation from one parsed JSONL record, or a DataError saying what is wrong with it. `root`: the folder
+    image paths are relative to; None refuses image parts (data that is text-only)."""
     if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list) or not rec["messages"]:
         raise DataError(f"{where}: expected an object with a non-empty \"messages\" list")
     tools = rec.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise DataError(f"{where}: \"tools\" must be a list of OpenAI function specs (objects)")
-    for j, m in enumerate(rec["messages"]):
+    messages = list(rec["messages"])
+    for j, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise DataError(f"{where}: message {j} needs a \"role\", one of {', '.join(ROLES)}")
         content, calls = m.get("content"), m.get("tool_calls")
@@ -64,15 +105,17 @@ def _check(rec, where: str) -> Conversation:
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                     raise DataError(f"{where}: message {j}: each tool call needs {{\"function\": {{\"name\": ..., "
                                     f"\"arguments\": ...}}}}")
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image", "image_url")
-                                             for p in content):
-            raise DataError(f"{where}: message {j} holds an image; herd sft trains text models only for now "
-                            "(remove image parts, or train images with herd train image_rows=N image_data=FILE)")
         if content is not None and not isinstance(content, (str, list)):
             raise DataError(f"{where}: message {j}: content must be a string or a list of parts")
-    if not any(m["role"] == "assistant" for m in rec["messages"]):
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image", "image_url")
+                                             for p in content):
+            if root is None:
+                raise DataError(f"{where}: message {j} holds an image; this data is text-only for now (remove the "
+                                "image parts; herd sft takes conversations with images)")
+            messages[j] = _with_images(m, root, where, j)
+    if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message: nothing to learn from")
-    return Conversation(rec["messages"], tools, where)
+    return Conversation(messages, tools, where)
 
 
 def jsonl_records(path: str | Path, what: str, shape: str) -> list[tuple[dict, str]]:
@@ -95,8 +138,9 @@ def jsonl_records(path: str | Path, what: str, shape: str) -> list[tuple[dict, s
 
 
 def read_jsonl(path: str | Path) -> list[Conversation]:
-    return [_check(rec, where) for rec, where in jsonl_records(path, "conversations",
-                                                              "conversations, or use --data tasks:NAME")]
+    root = Path(path).resolve().parent  # image paths are relative to the file's folder
+    return [_check(rec, where, root) for rec, where in jsonl_records(path, "conversations",
+                                                                    "conversations, or use --data tasks:NAME")]
 
 
 def val_split(items: list, split: str) -> list:
@@ -104,10 +148,10 @@ def val_split(items: list, split: str) -> list:
     return [x for i, x in enumerate(items) if (i % 20 == 19) == (split == "val")] or items
 
 
-def task_conversations(spec: str, n: int, split: str) -> list[Conversation]:
-    """`NAME[,NAME...][@difficulty]`: n examples per task with their reference answers."""
+def task_examples(spec: str, n: int, split: str, source: str = "sft_data", images: bool = False) -> list:
+    """`NAME[,NAME...][@difficulty]`: n herd.tasks examples per task (text tasks only unless `images`; `source` names
+    the setting in errors). Without `@difficulty` they spread evenly over the task's difficulties."""
     from herd import tasks
-    from herd.tasks.base import assistant_message
 
     names, _, level = spec.partition("@")
     out = []
@@ -115,9 +159,9 @@ def task_conversations(spec: str, n: int, split: str) -> list[Conversation]:
         try:
             task = tasks.get(name.strip())
         except KeyError as e:
-            raise DataError(f"sft_data tasks:{spec}: {e.args[0]}") from e
-        if task.multimodal:
-            raise DataError(f"task {task.name!r} needs images; herd sft trains text models only for now")
+            raise DataError(f"{source} tasks:{spec}: {e.args[0]}") from e
+        if task.multimodal and not images:
+            raise DataError(f"task {task.name!r} needs images; herd sft and herd dpo train text models only for now")
         if level:
             blocks = [(int(level), n)]
         else:  # n spread over the difficulties 1..max
@@ -125,10 +169,17 @@ def task_conversations(spec: str, n: int, split: str) -> list[Conversation]:
             blocks = [(k + 1, n // d + (k < n % d)) for k in range(d)]
         for difficulty, count in blocks:
             # train seeds from 0; held-out seeds come from their own range (herd.tasks)
-            for ex in tasks.draw(task, split, count, difficulty, start=difficulty * 100_000):
-                msgs = [*ex.messages, assistant_message(ex.answer, ex.tools)]
-                out.append(Conversation(msgs, ex.tools, f"task {task.name} seed {ex.seed} difficulty {difficulty}"))
+            out += tasks.draw(task, split, count, difficulty, start=difficulty * 100_000)
     return out
+
+
+def task_conversations(spec: str, n: int, split: str) -> list[Conversation]:
+    """`NAME[,NAME...][@difficulty]`: n examples per task with their reference answers."""
+    from herd.tasks.base import assistant_message
+
+    return [Conversation([*ex.messages, assistant_message(ex.answer, ex.tools)], ex.tools,
+                         f"task {ex.task} seed {ex.seed} difficulty {ex.difficulty}")
+            for ex in task_examples(spec, n, split, images=True)]
 
 
 def conversations(cfg, split: str) -> list[Conversation]:
@@ -140,16 +191,49 @@ def conversations(cfg, split: str) -> list[Conversation]:
     return val_split(read_jsonl(src), split)
 
 
-def encode(conv: Conversation, tok, max_len: int) -> tuple[list[int], list[int]]:
-    """(ids, labels) of a conversation: labels[t] = ids[t + 1] on assistant tokens, else IGNORE."""
+@dataclass(frozen=True)
+class Example:
+    """One encoded conversation: ids, labels (labels[t] = ids[t + 1] on assistant tokens, else IGNORE) and its image
+    sources in the order their tokens appear (herd.chat.collect_images), tiled when a batch holds it."""
+
+    ids: list[int]
+    labels: list[int]
+    images: tuple = ()
+
+
+def example(conv: Conversation, tok, max_len: int, vision=None) -> Example:
+    """The conversation through herd.chat's template; image tokens laid out for `vision` (the model's
+    VisionConfig; None: a text-only model, which cannot take images)."""
+    from herd.chat import collect_images
+
+    images = tuple(collect_images(conv.messages))
+    if images and vision is None:
+        raise DataError(f"{conv.where}: the conversation holds images but the model has no vision tower: init from "
+                        "a multimodal checkpoint (herd init --multimodal, or a run trained with image_rows > 0), or "
+                        "remove the images")
     try:
-        ids, labels, _ = chat_example(conv.messages, tok, None, 1 << 62, conv.where, conv.tools)
-    except ValueError as e:  # what the chat template refuses (unknown part types, arguments that are not JSON ...)
+        ids, labels, _ = chat_example(conv.messages, tok, vision, 1 << 62, conv.where, conv.tools)
+    except ValueError as e:  # what the chat template or herd.image refuse (unknown parts, broken images ...)
         raise DataError(f"{conv.where}: {e}") from e
     if len(ids) > max_len:
-        raise DataError(f"{conv.where}: the conversation takes {len(ids)} tokens, more than seq_len={max_len}; "
-                        f"raise seq_len or shorten it")
-    return ids, labels
+        what = " (image tokens included)" if images else ""
+        raise DataError(f"{conv.where}: the conversation takes {len(ids)} tokens{what}, more than seq_len={max_len}; "
+                        "raise seq_len or shorten it")
+    return Example(ids, labels, images)
+
+
+def encode(conv: Conversation, tok, max_len: int) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a text conversation (`example`)."""
+    ex = example(conv, tok, max_len)
+    return ex.ids, ex.labels
+
+
+def tiles(images, vision) -> torch.Tensor:
+    """(tiles, 3, H, W) pixel values of image sources in order, tiled for `vision` as `example` laid out their
+    tokens (herd.image.preprocess; deterministic, so the same tiles every time)."""
+    from herd.image import preprocess
+
+    return preprocess(list(images), tile_size=vision.image_size, max_tiles=vision.max_tiles).pixel_values
 
 
 # ---- packing -------------------------------------------------------------------------------------------------------
@@ -192,36 +276,55 @@ class EpochStream:
 
 
 class ChatPacker(EpochStream):
-    """Infinite iterator of (B, T) batches {"input_ids", "labels", "doc_ids"} of whole conversations (EpochStream)."""
+    """Infinite iterator of (B, T) batches {"input_ids", "labels", "doc_ids"} of whole conversations (EpochStream),
+    plus "pixel_values" (tiles, 3, H, W) when they hold images: the tiles of the rows' images in token order, made
+    for `vision` (the model's VisionConfig; module docstring)."""
 
-    def __init__(self, examples: list[tuple[list[int], list[int]]], seq_len: int, batch_size: int, pad_id: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(self, examples: list[Example], seq_len: int, batch_size: int, pad_id: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True, vision=None):
         super().__init__(examples, seq_len, batch_size, pad_id, seed, rank, world_size, shuffle, "conversations")
+        if vision is None and any(ex.images for ex in examples):
+            raise ValueError("conversations with images need the model's vision config (vision=)")
+        self.vision = vision
 
-    def _row(self, order: list) -> tuple[list[int], list[int], list[int]]:
+    def _row(self, order: list) -> tuple[list[int], list[int], list[int], list]:
         ids: list[int] = []
         labels: list[int] = []
         doc_ids: list[int] = []
+        images: list = []  # the row's image sources, in token order
         doc = 0
         while True:
             if self.cursor == len(self.items):  # peek past an epoch's end: the next conversation may not fit
                 self.cursor, self.epoch = 0, self.epoch + 1
                 order[:] = self._order()
-            x, y = self.items[order[self.cursor]]
+            ex = self.items[order[self.cursor]]
+            x, y = ex.ids, ex.labels
             if len(ids) + len(x) > self.seq_len and ids:
                 break  # whole conversations only: this one starts the next row
             ids, labels, doc_ids = ids + x, labels + y, doc_ids + [doc] * len(x)
+            images += ex.images
             doc = doc + 1
             self._next_index(order)
             if len(ids) == self.seq_len:
                 break
         pad = self.seq_len - len(ids)
-        return ids + [self.pad_id] * pad, labels + [IGNORE] * pad, doc_ids + [-1] * pad
+        return ids + [self.pad_id] * pad, labels + [IGNORE] * pad, doc_ids + [-1] * pad, images
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        order = self._order()
+        order, images = self._order(), []
+
+        def next_row():
+            *row, row_images = self._row(order)
+            images.append(row_images)
+            return row
+
         self.step += 1
-        return rank_slice(lambda: self._row(order), self.batch_size, self.world_size, self.rank)
+        batch = rank_slice(next_row, self.batch_size, self.world_size, self.rank)
+        # this rank's rows' images, row by row: the order the model scatters features into <|patch|> tokens
+        mine = [src for row in images[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for src in row]
+        if mine:
+            batch["pixel_values"] = tiles(mine, self.vision)  # (tiles, 3, H, W)
+        return batch
 
 
 def pad_id(tok) -> int:

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API over the engine (FastAPI): /v1/models, /v1/chat/completions, /v1/completions,
-/health, /metrics.
+/v1/weights (a trainer's weight pushes, herd.serve.weights), /health, /metrics.
 
 Request and response shapes follow OpenAI's API reference (platform.openai.com/docs/api-reference): SSE streaming
 ending in `data: [DONE]`, `stream_options.include_usage`, usage counts, finish_reason stop / length / tool_calls,
@@ -7,12 +7,12 @@ ending in `data: [DONE]`, `stream_options.include_usage`, usage counts, finish_r
 completions API: `logprobs` N and its legacy columns), `logit_bias`, a batch of prompts in one /v1/completions
 request (n choices each, in order), tools (parsed from the output by herd.tools), images as `image_url` parts (data:
 URLs; file paths only inside the operator's `media_dir`), and vLLM's extras `top_k`, `min_p`, `repetition_penalty`,
-`ignore_eos`, `stop_token_ids` (the openai client sends them through `extra_body`). Errors use OpenAI's shape
-{"error": {"message", "type", "param", "code"}} with the matching status, and a bad request never takes the server
-down. Every body is read as JSON only with `Content-Type: application/json` (415 otherwise: any web page can make a
-browser send a text/plain POST, with no CORS preflight) and validated against herd.serve.schemas (400 that
-names the field), which /openapi.json shows. 404 and 405 are OpenAI-shaped too, and any exception a route still lets
-escape becomes a 500 in that shape on a connection that stays open.
+`ignore_eos`, `stop_token_ids`, `return_tokens_as_token_ids` (the openai client sends them through `extra_body`).
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with the matching status, and a bad request
+never takes the server down. Every body is read as JSON only with `Content-Type: application/json` (415
+otherwise: any web page can make a browser send a text/plain POST, with no CORS preflight) and validated against
+herd.serve.schemas (400 that names the field), which /openapi.json shows. 404 and 405 are OpenAI-shaped too, and
+any exception a route still lets escape becomes a 500 in that shape on a connection that stays open.
 A `response_format` other than text, and tool_choice "required", need constrained decoding, which herd does
 not do: they get 400 rather than being silently ignored. A client that disconnects mid-stream cancels its requests.
 A generation that fails inside the engine answers 500 (type "server_error"; in a stream, an error event before
@@ -41,12 +41,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from herd.serve import schemas
-from herd.serve.schemas import ChatCompletionRequest, CompletionRequest
+from herd.serve.schemas import ChatCompletionRequest, CompletionRequest, WeightsRequest
 from herd.serve.service import APIError, Service
 from herd.tools import ToolCallStreamParser, finish_reason, parse_tool_calls
 
@@ -55,7 +55,8 @@ log = logging.getLogger("herd.serve")
 DRAIN_BYTES = 64 * 2**20  # how much of an oversized body is read and dropped so that its sender sees the 413
 PAGE = Path(__file__).parent / "static" / "index.html"
 
-BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+          "/v1/weights": WeightsRequest}
 
 router = APIRouter()
 
@@ -185,6 +186,21 @@ async def completions(request: Request):
     return await _complete(request, chat=False)
 
 
+@router.get("/v1/weights")
+async def weights_version(request: Request):
+    svc = _service(request)
+    svc.authorize(request.headers)
+    return svc.weights_info()
+
+
+@router.post("/v1/weights")
+async def push_weights(request: Request):
+    """Load new weights from a folder in --weights-dir, swapped in between two engine steps; requests in flight go
+    on with the new weights (herd.serve.weights)."""
+    svc = _service(request)
+    return await svc.push_weights(await _body(request, svc, WeightsRequest))
+
+
 # ---- request body ----------------------------------------------------------------------------------------------------
 async def _read_limited(request: Request, limit: int) -> bytes:
     """The body, read in chunks and kept only up to `limit` bytes (a chunked upload declares no length). An
@@ -207,7 +223,7 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _body(request: Request, svc: Service, model: type[schemas.RequestBody]) -> schemas.RequestBody:
+async def _body(request: Request, svc: Service, model: type[BaseModel]):
     """The request body as `model`: 415 unless it is sent as JSON, 400 for bad JSON or a value the schema refuses."""
     svc.authorize(request.headers)
     raw = await _read_limited(request, svc.config.max_request_bytes)
@@ -240,6 +256,7 @@ class Job:
     echoes: list[str] | None  # per choice: the completions API's echoed prompt text
     n_prompt: int  # prompt tokens, all prompts together
     t0: float  # perf_counter at submission, for the latency metric
+    as_ids: bool = False  # return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
 
 
 async def _complete(request: Request, chat: bool):
@@ -269,7 +286,7 @@ async def _start(svc: Service, body: schemas.RequestBody) -> Job:
             "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": svc.name}
     return Job(subs, head, chat, tools, [echoes[j // n] for j in range(len(subs))] if echoes else None,
-               sum(len(ids) for ids in prompts), t0)
+               sum(len(ids) for ids in prompts), t0, body.return_tokens_as_token_ids)
 
 
 def _usage(svc: Service, job: Job) -> dict:
@@ -279,18 +296,27 @@ def _usage(svc: Service, job: Job) -> dict:
     return {"prompt_tokens": job.n_prompt, "completion_tokens": done, "total_tokens": job.n_prompt + done}
 
 
-def _logprobs(tok, req, start: int, end: int, chat: bool, offset: int = 0) -> dict:
-    """Tokens start..end of a request's logprobs in OpenAI's shape: chat's `content` list, or the completions API's
-    legacy columns (`text_offset` counts characters of the completion from `offset`)."""
+def _logprobs(tok, req, start: int, end: int, chat: bool, offset: int = 0, as_ids: bool = False) -> tuple[dict, int]:
+    """Tokens start..end of a request's logprobs in OpenAI's shape (chat's `content` list, or the completions API's
+    legacy columns, whose `text_offset` counts characters of the completion from `offset`), and the characters of
+    their text. `as_ids` (vLLM's return_tokens_as_token_ids): every token, chosen or alternative, is named
+    "token_id:<id>", so a trainer reads the ids the engine sampled (the stop token too) without re-tokenizing text
+    that may not map back to them (a token holding part of a UTF-8 character decodes to U+FFFD)."""
     items = req.logprobs[start:end]
+    texts = [tok.decode([lp["token"]]) for lp in items]
+
+    def name(t: int, text: str | None = None) -> str:
+        return f"token_id:{t}" if as_ids else text if text is not None else tok.decode([t])
+
+    chars = sum(len(t) for t in texts)
     if chat:
-        return {"content": [{"token": tok.decode([lp["token"]]), "logprob": lp["logprob"], "bytes": None,
-                             "top_logprobs": [{"token": tok.decode([t]), "logprob": v, "bytes": None}
-                                              for t, v in lp["top"]]} for lp in items]}
-    tokens = [tok.decode([lp["token"]]) for lp in items]
-    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[:len(tokens)]
-    return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in items],
-            "top_logprobs": [{tok.decode([t]): v for t, v in lp["top"]} for lp in items], "text_offset": offsets}
+        return {"content": [{"token": name(lp["token"], text), "logprob": lp["logprob"], "bytes": None,
+                             "top_logprobs": [{"token": name(t), "logprob": v, "bytes": None} for t, v in lp["top"]]}
+                            for lp, text in zip(items, texts, strict=True)]}, chars
+    offsets = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=offset))[:len(texts)]
+    return {"tokens": [name(lp["token"], text) for lp, text in zip(items, texts, strict=True)],
+            "token_logprobs": [lp["logprob"] for lp in items],
+            "top_logprobs": [{name(t): v for t, v in lp["top"]} for lp in items], "text_offset": offsets}, chars
 
 
 # ---- the whole answer at once ----------------------------------------------------------------------------------------
@@ -320,7 +346,8 @@ async def _respond(svc: Service, request: Request, job: Job):
 
 def _choice(svc: Service, job: Job, i: int, req) -> dict:
     """Choice i of a finished job: a chat message (with the tool calls parsed from its text) or a completion."""
-    lp = _logprobs(svc.tokenizer, req, 0, len(req.logprobs), job.chat) if req.params.logprobs else None
+    lp = _logprobs(svc.tokenizer, req, 0, len(req.logprobs), job.chat, as_ids=job.as_ids)[0] \
+        if req.params.logprobs else None
     if not job.chat:
         text = (job.echoes[i] if job.echoes else "") + req.text
         return {"index": i, "text": text, "logprobs": lp, "finish_reason": req.finish_reason}
@@ -336,8 +363,8 @@ def _choice(svc: Service, job: Job, i: int, req) -> dict:
 class _StreamedChoice:
     """One choice of a stream: how much of its text and logprobs went out, and its tool-call parser."""
 
-    def __init__(self, i: int, req, queue, tools: list | None):
-        self.i, self.req, self.queue = i, req, queue
+    def __init__(self, i: int, req, queue, tools: list | None, as_ids: bool = False):
+        self.i, self.req, self.queue, self.as_ids = i, req, queue, as_ids
         self.parser = ToolCallStreamParser(tools) if tools else None
         self.fed = 0  # characters of the request's text passed on so far
         self.sent = 0  # logprobs sent
@@ -362,8 +389,8 @@ class _StreamedChoice:
         self.fed += len(delta)
         lp = None
         if req.params.logprobs:
-            lp = _logprobs(tok, req, self.sent, len(req.logprobs), chat, self.offset)
-            self.offset += 0 if chat else sum(len(t) for t in lp["tokens"])
+            lp, chars = _logprobs(tok, req, self.sent, len(req.logprobs), chat, self.offset, self.as_ids)
+            self.offset += chars
         self.sent = len(req.logprobs)
         calls = []
         if self.parser is not None:
@@ -391,7 +418,7 @@ async def _stream(svc: Service, request: Request, job: Job, include_usage: bool)
         return f"data: {json.dumps({**job.head, 'object': kind, 'choices': choices, **extra})}\n\n"
 
     try:
-        streams = [_StreamedChoice(i, req, queue, job.tools) for i, (req, queue) in enumerate(job.subs)]
+        streams = [_StreamedChoice(i, req, queue, job.tools, job.as_ids) for i, (req, queue) in enumerate(job.subs)]
         if job.chat:
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                          for i in range(len(streams))])

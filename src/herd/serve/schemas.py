@@ -1,9 +1,10 @@
-"""The OpenAI request bodies of /v1/chat/completions and /v1/completions as pydantic models: the one place where a
-body's shape and every value's bounds are checked, and what /openapi.json shows.
+"""The OpenAI request bodies of /v1/chat/completions and /v1/completions (and herd's /v1/weights) as pydantic
+models: the one place where a body's shape and every value's bounds are checked, and what /openapi.json shows.
 
 Shapes follow OpenAI's API reference (platform.openai.com/docs/api-reference/chat/create and .../completions/create)
 plus vLLM's sampling extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, as in vLLM's
-protocol.py). Design:
+protocol.py) and its `return_tokens_as_token_ids` (logprobs name each token "token_id:<id>", so a trainer gets the
+sampled ids themselves, not text it would have to re-tokenize). Design:
 - Strict types (pydantic's strict mode): `stream: "no"` is an error, not a truthy string; `5` is not a string;
   `true` is not an int. Floats must be finite. Ints carry real bounds (token ids fit int32, a seed int64, top_k at
   most 2^31 - 1), so no value can overflow later inside the engine, where it would fail other requests' rows.
@@ -145,6 +146,7 @@ class _Request(_Body):
     response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM's: logprobs name tokens \"token_id:<id>\"")
 
     @field_validator("stop")
     @classmethod
@@ -211,6 +213,20 @@ class CompletionRequest(_Request):
         """The batch: each prompt a string or token ids."""
         p = self.prompt
         return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+
+
+class WeightsRequest(_Body):
+    """POST /v1/weights: load the weights in `path` (a folder inside the server's --weights-dir) as `version`."""
+
+    path: str = Field(min_length=1, description="a subfolder of the server's --weights-dir, relative to it")
+    version: int = Field(ge=0, le=INT64_MAX, description="the trainer's policy version, reported back")
+
+    @field_validator("path")
+    @classmethod
+    def _no_nul(cls, path: str) -> str:
+        if "\0" in path:
+            raise ValueError("a path cannot contain a NUL character")
+        return path
 
 
 RequestBody = ChatCompletionRequest | CompletionRequest

@@ -14,11 +14,15 @@ guards every `/v1/...` route; `/health`, `/metrics` (counters and latencies, no 
 (the public API shape) and the web page stay open, so probes and Prometheus need no secret. Slow or idle clients
 cannot hold connections: a request's headers must arrive within `header_timeout` seconds and its body within
 `body_timeout` (longer for a large body, see herd.serve.server), and at most `max_connections` are open at once.
+
+`weights_dir` turns on POST /v1/weights (herd.serve.weights): a trainer pushes new weights, read only from inside
+that folder. It is refused with `quantize` (the pushed weights are not quantized) and with `cuda_graphs` (untested).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -50,6 +54,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     media_dir: str | None = None  # the one folder whose image files requests may name by path
+    weights_dir: str | None = None  # the one folder POST /v1/weights may load new weights from (None: off)
     api_key: str | None = None  # None: no Authorization header needed; else every /v1 route needs it (not "")
     allowed_origins: tuple[str, ...] | None = None  # web origins CORS lets read responses (None: no CORS headers)
     max_request_bytes: int = 64 * MiB  # a larger request body gets 413
@@ -89,6 +94,15 @@ class ServeConfig:
              f"allowed_origins must be origins like https://app.example or http://localhost:3000 (scheme://host"
              f"[:port], no path or trailing slash), or *, got {self.allowed_origins!r}"),
             (self.shutdown_timeout >= 0, f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}"),
+            (self.weights_dir is None or os.path.isdir(self.weights_dir),
+             f"weights_dir {self.weights_dir!r} is not a directory: create it (the trainer writes each version of "
+             "the weights into a subfolder of it)"),
+            (self.weights_dir is None or self.quantize is None,
+             "weights_dir cannot be combined with quantize: pushed weights would have to be quantized again; serve "
+             "the unquantized model to a trainer"),
+            (self.weights_dir is None or not self.cuda_graphs,
+             "weights_dir cannot be combined with cuda_graphs yet (weight swaps under captured graphs are untested); "
+             "use compile, or neither"),
             (self.log_level.lower() in LOG_LEVELS,
              f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}"),
         ]

@@ -4,7 +4,8 @@ tools.
 
 Every check here raises APIError with OpenAI's error shape and the matching status before anything reaches the
 engine: unknown model, prompts longer than the context or outside the vocabulary, too many or too large images, local
-image paths outside the operator's media folder, what herd cannot honour (tool_choice "required", a response_format,
+image paths outside the operator's media folder, pushed weights outside its weights folder or unlike the served
+model, what herd cannot honour (tool_choice "required", a response_format,
 `suffix`, `best_of`), a missing API key, more generations in flight than the server takes. A body's shape and its
 values' bounds were checked before (herd.serve.schemas), so these take typed requests. herd.serve.app calls only
 the Service's public methods (the routes never reach the worker) and turns the results into HTTP responses.
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from herd.infer.sampling import SamplingParams
-from herd.serve.schemas import ChatCompletionRequest, CompletionRequest
+from herd.serve import weights
+from herd.serve.schemas import ChatCompletionRequest, CompletionRequest, WeightsRequest
 
 if TYPE_CHECKING:
     from herd.serve.serve_config import ServeConfig
@@ -144,11 +146,14 @@ class Service:
 
     def __init__(self, config: ServeConfig, worker, tokenizer, defaults: dict | None = None):
         self.config, self.worker, self.tokenizer, self.defaults = config, worker, tokenizer, defaults or {}
-        model = worker.engine.model
+        self.model = model = worker.engine.model
         self.text_config, self.vision_config = model.text_config, model.vision_config
         self.context = self.text_config.max_position_embeddings
         self.name = config.name or Path(config.model).resolve().name
         self.media_dir = Path(config.media_dir).resolve() if config.media_dir else None
+        self.weights_dir = Path(config.weights_dir).resolve() if config.weights_dir else None
+        self.weights = weights.Loaded()
+        self.pushing = asyncio.Lock()  # one weight push at a time: each waits for the one before to be swapped in
         self.metrics = Metrics()
         self.created = int(time.time())
         self.max_token_bytes = tokenizer.max_token_bytes  # computed once, here, not on a first request
@@ -352,6 +357,40 @@ class Service:
     def cancel_all(self, subs: list) -> None:
         for req, _ in subs:
             self.cancel(req)
+
+    # ---- weights pushed by a trainer (herd.serve.weights) ------------------------------------------------------------
+    def weights_info(self) -> dict:
+        """GET /v1/weights: the version being served (0 and path None: the weights the server started with)."""
+        self._weights_on()
+        return {"version": self.weights.version, "path": self.weights.path,
+                "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
+
+    async def push_weights(self, req: WeightsRequest) -> dict:
+        """POST /v1/weights: check and stage the export in weights_dir/req.path off the event loop, then swap it in
+        on the engine thread between two steps. 403 for a path outside weights_dir, 400 for an export that does not
+        match the served model (nothing changed then)."""
+        root = self._weights_on()
+        async with self.pushing:
+            try:
+                folder = weights.resolve(root, req.path)
+                staged = await asyncio.to_thread(weights.stage, self.model, folder)
+            except weights.OutsideError as e:
+                raise APIError(403, str(e), "path", "path_outside_weights_dir", "permission_error") from None
+            except (ValueError, OSError) as e:  # CheckpointError and ConfigError are ValueErrors
+                raise APIError(400, f"the weights were not loaded: {e}", "path") from None
+
+            def swap() -> None:  # the version is recorded with the swap, even if the client has left meanwhile
+                weights.swap(self.model, staged)
+                self.weights = weights.Loaded(req.version, req.path)
+
+            await asyncio.wrap_future(self.worker.call(swap))
+        return {"version": req.version, "loaded": req.path}
+
+    def _weights_on(self) -> Path:
+        if self.weights_dir is None:
+            raise APIError(404, "weight updates are off on this server: start herd serve with --weights-dir DIR (the "
+                                "folder a trainer exports its weights into)", code="weights_disabled")
+        return self.weights_dir
 
     def metrics_text(self) -> str:
         return self.metrics.text(self.queue_length, self.running)

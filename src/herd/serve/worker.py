@@ -8,6 +8,9 @@ again right after each step starves the handlers waiting for it, and a new reque
 until the whole batch finished. Every new token's text reaches its handler through an asyncio queue filled with
 `loop.call_soon_threadsafe`, so the event loop never blocks on the model.
 
+Anything else that must not happen during a step (a weight swap: herd.serve.weights) is posted as a function
+(`call`) that the engine thread runs between two steps; its caller waits on a future.
+
 If a step raises (a bug, or memory running out), the engine thread logs it, ends every request in flight with
 finish_reason "error" (their handlers answer 500 / an error event) and keeps serving.
 
@@ -19,6 +22,7 @@ cancels every later submission at once; `stop` then ends the thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -32,7 +36,8 @@ log = logging.getLogger("herd.serve")
 class EngineWorker:
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add" | "cancel", Request), applied between steps
+        # ("add" | "cancel", Request) or ("call", (function, Future)), applied between steps
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
         self.stopping = False
         self.closing = False  # set by drain: a new request is cancelled as soon as it is submitted
@@ -62,7 +67,13 @@ class EngineWorker:
     def cancel(self, req: Request) -> None:
         self._post("cancel", req)
 
-    def _post(self, op: str, req: Request) -> None:
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run `fn()` on the engine thread between two steps; the future gets its result or its exception."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._post("call", (fn, done))
+        return done
+
+    def _post(self, op: str, req) -> None:
         self.inbox.put((op, req))
         self.wake.set()
 
@@ -103,6 +114,8 @@ class EngineWorker:
         self.stopping = True
         self.wake.set()
         self.thread.join(timeout=5)
+        if not self.thread.is_alive():  # a call posted after the last iteration would wait for ever
+            self._apply()
         return counts
 
     def _apply(self) -> None:
@@ -113,8 +126,14 @@ class EngineWorker:
                 return
             if op == "add":
                 self.engine.add(req)
-            else:
+            elif op == "cancel":
                 self.engine.cancel(req)
+            else:
+                fn, done = req
+                try:
+                    done.set_result(fn())
+                except Exception as e:  # the caller's to report; the engine goes on
+                    done.set_exception(e)
 
     def _run(self) -> None:
         while not self.stopping:

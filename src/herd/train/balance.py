@@ -109,11 +109,14 @@ def switch_aux_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...]
 
 
 @torch.no_grad()
-def routing_without_biases(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> dict:
+def routing_without_biases(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                           pixel_values: torch.Tensor | None = None) -> dict:
     """What dropping the routers' biases does to `model` on a batch: the share of (token, MoE layer) expert choices
-    that change, and the largest logit change - what an engine without router biases computes instead."""
+    that change, and the largest logit change - what an engine without router biases computes instead. A batch with
+    image tokens needs its `pixel_values` (a multimodal model)."""
     rs = routers(model)
-    with_bias, router_logits = model(input_ids, doc_ids=doc_ids, return_router_logits=True)
+    kw = {} if pixel_values is None else {"pixel_values": pixel_values}
+    with_bias, router_logits = model(input_ids, doc_ids=doc_ids, return_router_logits=True, **kw)
     saved = [r.expert_bias.clone() for r in rs]
     changed = total = 0
     for r, logits in zip(rs, router_logits, strict=True):
@@ -121,7 +124,7 @@ def routing_without_biases(model: nn.Module, input_ids: torch.Tensor, doc_ids: t
         changed += int((torch.topk(logits, r.top_k, dim=1).indices != chosen).any(1).sum())
         total += chosen.shape[0]
     shrink_biases(model, 0.0)
-    without = model(input_ids, doc_ids=doc_ids)
+    without = model(input_ids, doc_ids=doc_ids, **kw)
     for r, b in zip(rs, saved, strict=True):
         r.expert_bias.copy_(b)
     return {"routing_changed": changed / max(total, 1), "max_logit_change": float((with_bias - without).abs().max())}

@@ -20,7 +20,7 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,9 +30,9 @@ def _pyplot():
 
 
 def plot_loss(records: list[dict], path: str | Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     train = [r for r in records if r.get("kind") == "train"]
-    val = [r for r in records if r.get("kind") == "eval"]
+    val = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]  # RL evaluates accuracy instead
     fig, ax = plt.subplots(figsize=(7, 4))
     steps, loss = [r["step"] for r in train], [r["loss"] for r in train]
     ax.plot(steps, loss, color="tab:blue", lw=0.6, alpha=0.35)
@@ -66,7 +66,7 @@ def plot_expert_load(records: list[dict], path: str | Path) -> bool:
     train = [r for r in records if r.get("kind") == "train" and r.get("expert_load")]
     if not train:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     steps = [r["step"] for r in train]
     n_layers, n_experts = len(train[0]["expert_load"]), len(train[0]["expert_load"][0])
     cols = min(n_layers, 4)
@@ -89,6 +89,28 @@ def plot_expert_load(records: list[dict], path: str | Path) -> bool:
     return True
 
 
+def plot_rl(records: list[dict], path: str | Path) -> bool:
+    """An RL run: reward and pass rate of the training rollouts per step, held-out greedy pass@1 at evaluations."""
+    train = [r for r in records if r.get("kind") == "train" and "reward_mean" in r]
+    if not train:
+        return False
+    plt = pyplot()
+    val = [r for r in records if r.get("kind") == "eval" and "val_pass@1" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["reward_mean"] for r in train], color="tab:blue", lw=1, label="rollout reward (mean)")
+    ax.plot(steps, [r["pass_rate"] for r in train], color="tab:green", lw=1, label="rollout pass rate")
+    ax.plot([r["step"] for r in val], [r["val_pass@1"] for r in val], "o-", color="tab:orange", ms=3,
+            label="held-out pass@1 (greedy)")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def plot_run(out_dir: str | Path) -> list[Path]:
     """Draw every plot of a run into out_dir; returns the files written."""
     out = Path(out_dir)
@@ -97,6 +119,8 @@ def plot_run(out_dir: str | Path) -> list[Path]:
     if any(r.get("kind") == "train" for r in records):
         plot_loss(records, out / "loss.png")
         written.append(out / "loss.png")
+    if plot_rl(records, out / "rl.png"):
+        written.append(out / "rl.png")
     if plot_expert_load(records, out / "expert_load.png"):
         written.append(out / "expert_load.png")
     return written

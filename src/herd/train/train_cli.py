@@ -5,6 +5,9 @@
   herd midtrain --init runs/x --out runs/x-long [--seq-len 256] [--data builtin+passkey+kv] [--max-steps N]
   herd sft --init runs/x --data chats.jsonl|tasks:NAME[,NAME][@D] --out runs/y [prune_easy=0.5] (herd.post.sft)
   herd dpo --init runs/y/hf --pairs pairs.jsonl --out runs/d [beta=0.1] [label_smoothing=0.0]  (herd.post.dpo)
+  herd dpo --init runs/z/hf --from-rollouts runs/z/rollouts.jsonl|tasks:NAME --out runs/d [prefer=shorter]
+  herd rl --init runs/y/hf --tasks arithmetic@3,sorting --out runs/z [group_size=8] [rl_async=true]  (herd.post.rl)
+  herd recipe [--preset demo] --out runs/recipe [--stages base,sft,rl,dpo]   the whole recipe + report card
 
 Settings are applied in order: the preset (or, when resuming, the run's own train_config.json), the --config file
 (JSON or TOML), then key=value items (written together, after the options); every TrainConfig field is also
@@ -69,11 +72,19 @@ def add_train_parser(subparsers) -> None:
              "half a judge finds easiest.", "the model to tune (a run directory or a Hugging Face checkpoint)"),
             ("dpo", "direct preference optimisation on (chosen, rejected) pairs (.jsonl)",
              "Tune a checkpoint on preference pairs with the DPO loss, the checkpoint itself as the frozen "
-             "reference.", "the model to tune, also the reference (a run directory or a HF checkpoint)")):
+             "reference.", "the model to tune, also the reference (a run directory or a HF checkpoint)"),
+            ("rl", "online RL on verifiable tasks (GRPO/DAPO, pool re-filtering, curriculum, async)",
+             "Tune a checkpoint by online RL: answers sampled from the policy, scored by the tasks' verifiers.",
+             "the model to tune (a run directory or a Hugging Face checkpoint, e.g. an SFT run's hf/)")):
         sp = subparsers.add_parser(stage, help=help_, description=f"{what} Any TrainConfig field: key=value.")
         sp.add_argument("--init", help=init_help)
         if stage == "dpo":
             sp.add_argument("--pairs", help="a .jsonl of {\"messages\", \"chosen\", \"rejected\"} lines (dpo_pairs)")
+            sp.add_argument("--from-rollouts", dest="from_rollouts",
+                            help="pairs from an RL run's rollouts.jsonl, or tasks:NAME[,NAME][@D] to sample the "
+                                 "init model's own answers (dpo_rollouts; prefer=correct|shorter)")
+        if stage == "rl":
+            sp.add_argument("--tasks", help="tasks with optional difficulty caps, e.g. arithmetic@3,sorting (rl_tasks)")
         sp.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
                         help=f"continue the {stage.upper()} run in DIR (or in --out) from its newest checkpoint")
         sp.add_argument("--preset", default=stage, help="training preset (herd.train.train_config.TRAIN_PRESETS)")
@@ -81,14 +92,45 @@ def add_train_parser(subparsers) -> None:
         sp.set_defaults(fn=run_train, stage=stage)
 
 
+    sp = subparsers.add_parser("recipe", help="pretrain -> SFT -> RL -> DPO, each evaluated, and a report card",
+                               description="The post-training recipe end to end on the built-in data and tasks "
+                                           "(herd.post.recipe); resumable: a finished stage is skipped.")
+    sp.add_argument("--preset", default="demo", help="recipe preset (herd.post.recipe.RECIPE_PRESETS)")
+    sp.add_argument("--out", help="run directory (one folder per stage, report.md, report.json, plots)")
+    sp.add_argument("--stages", help="some of base,sft,rl,dpo in that order (default: all)")
+    sp.add_argument("--init", help="the model the first stage starts from when base is not run")
+    sp.add_argument("--seed", type=int)
+    sp.set_defaults(fn=run_recipe)
+
+
+def run_recipe(args) -> int:
+    from herd.config import ConfigError
+    from herd.data.sources import DataError
+    from herd.post.recipe import recipe, recipe_preset
+
+    given = {"out_dir": args.out, "init": args.init, "seed": args.seed,
+             "stages": tuple(s.strip() for s in args.stages.split(",")) if args.stages else None}
+    try:
+        cfg = recipe_preset(args.preset, **{k: v for k, v in given.items() if v is not None})
+        out = recipe(cfg)
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    last = Path(cfg.out_dir) / cfg.stages[-1] / "hf"
+    print(f"done in {out['time_s']:.0f}s: report card {out['report']} ({out['report_json']})\n"
+          f"chat with the final model: herd chat --model {last}")
+    return 0
+
+
 def _overrides(args) -> list[str]:
     items = list(args.overrides)
     for key, v in vars(args).items():
         if key.startswith("set_") and v is not None:
             items.append(f"{key.removeprefix('set_')}={v}")
-    for key in ("data", "seq_len", "init", "pairs"):
+    named = {"pairs": "dpo_pairs", "from_rollouts": "dpo_rollouts", "tasks": "rl_tasks"}
+    for key in ("data", "seq_len", "init", "pairs", "from_rollouts", "tasks"):
         if getattr(args, key, None) is not None:
-            field = "sft_data" if key == "data" and args.stage == "sft" else "dpo_pairs" if key == "pairs" else key
+            field = "sft_data" if key == "data" and args.stage == "sft" else named.get(key, key)
             items.append(f"{field}={getattr(args, key)}")
     return items
 
@@ -154,6 +196,8 @@ def run_train(args) -> int:
         from herd.post.sft import sft as train
     elif args.stage == "dpo":
         from herd.post.dpo import dpo as train
+    elif args.stage == "rl":
+        from herd.post.rl import rl as train
     try:
         cfg, resume = build_config(args)
     except (ConfigError, ValueError) as e:
@@ -161,9 +205,14 @@ def run_train(args) -> int:
         return 2
     main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
     what = {"midtrain": "mid-training", "sft": f"SFT on {cfg.sft_data}",
-            "dpo": f"DPO (beta {cfg.beta}) on {cfg.dpo_pairs}"}.get(args.stage, "training")
-    if main:
-            print(f"{what} {cfg.init or cfg.model} -> {cfg.out_dir}: {cfg.stop_step} steps of {cfg.batch_size}x"
+            "dpo": f"DPO (beta {cfg.beta}) on {cfg.dpo_pairs or cfg.dpo_rollouts}",
+            "rl": f"RL on {cfg.rl_tasks}"}.get(args.stage, "training")
+    if main and args.stage == "rl":
+        print(f"{what} {cfg.init} -> {cfg.out_dir}: {cfg.stop_step} steps of {cfg.batch_size * cfg.grad_accum} "
+              f"prompts x {cfg.group_size} answers, {'async' if cfg.rl_async else 'sync'}, generator "
+              f"{cfg.generator}, lr {cfg.lr}", flush=True)
+    elif main:
+        print(f"{what} {cfg.init or cfg.model} -> {cfg.out_dir}: {cfg.stop_step} steps of {cfg.batch_size}x"
               f"{cfg.seq_len} tokens x {cfg.grad_accum}, {cfg.dtype}, lr {cfg.lr} ({cfg.schedule})", flush=True)
     try:
         summary = train(cfg, resume=resume)
@@ -177,10 +226,12 @@ def run_train(args) -> int:
     if not main:
         return 0
     val = f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
+    if "val_pass@1" in summary:
+        val = f", held-out greedy pass@1 {summary['val_pass@1']:.3f}, {summary['rollout_tokens']:.0f} rollout tokens"
     bpb = f", {summary['val_bpb']:.4f} bits/byte" if summary.get("val_bpb") is not None else ""
     print(f"done: step {summary['step']}{val}{bpb} in {summary['time_s']:.0f}s; checkpoint {summary['checkpoint']}"
           + (f"; Hugging Face weights in {summary['hf']}" if summary["hf"] else ""))
-    if summary["hf"] and args.stage in ("sft", "dpo"):
+    if summary["hf"] and args.stage in ("sft", "dpo", "rl"):
         print(f"try it: herd chat --model {summary['hf']}")
     elif summary["hf"]:
         print(f"try it: herd generate --model {summary['hf']} --raw --prompt \"To be, or not to be\"")

@@ -97,6 +97,39 @@ class TrainConfig:
     dpo_pairs: str | None = None  # a .jsonl of {"messages", "chosen", "rejected"} preference pairs
     beta: float = 0.1  # DPO's beta (TRL's default): how far the policy may move from the reference
     label_smoothing: float = 0.0  # conservative DPO: the assumed share of flipped preference labels, in [0, 0.5)
+    # pairs built from rollouts (herd.post.dpo_pairs) instead of a file: an RL run's rollouts.jsonl, or
+    # tasks:NAME[,NAME...][@difficulty] to sample the `init` policy's own (group_size answers per prompt)
+    dpo_rollouts: str | None = None
+    prefer: str = "correct"  # how a pair is chosen from a group: correct (right over wrong) | shorter (of two right)
+    # --- RL (herd.post.rl: `herd rl`; read only there and by dpo_rollouts) ---
+    rl_tasks: str = "arithmetic"  # task names joined by ",", each with an optional @MAX difficulty (arithmetic@3)
+    group_size: int = 8  # answers sampled per prompt (GRPO's G); batch_size counts prompts per micro-batch
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    max_new_tokens: int = 64  # longest answer sampled
+    eps_low: float = 0.2  # clip range of the ratio: [1 - eps_low, 1 + eps_high] (DAPO's clip-higher)
+    eps_high: float = 0.28
+    kl_coef: float = 0.0  # k3 KL to the init model (0: none, as in DAPO)
+    loss_norm: str = "token"  # token (DAPO) | sequence (GRPO)
+    adv_scale: str = "std"  # std (GRPO) | none (Dr. GRPO)
+    format_reward: float = 0.0  # added to the verifier's reward when the answer has the expected form
+    overlong_penalty: float = 0.0  # DAPO's soft overlong punishment: up to this much off an answer near the limit
+    filter_groups: bool = True  # drop groups with all-equal rewards and sample more prompts (DAPO dynamic sampling)
+    max_rounds: int = 4  # sampling rounds per step to fill the batch with informative groups
+    refilter_every: int = 10  # re-score the prompt pool with the current policy every N steps (0: never)
+    pool_size: int = 64  # prompts per task in the pool
+    pool_k: int = 4  # samples per prompt when the pool is re-scored (pass@k)
+    keep_pass: float = 0.75  # pool prompts the policy solves more often than this are dropped as easy
+    curriculum: bool = True  # raise a task's difficulty once the policy's accuracy on it reaches promote_at
+    promote_at: float = 0.6
+    system_prompts: bool = True  # give each prompt a system prompt drawn from a varied pool
+    rl_async: bool = False  # generate the next batches while learning (herd.post.rl_async)
+    max_staleness: int = 1  # async: the most optimizer steps a batch's generating weights may lag behind
+    generator: str = "engine"  # engine (herd's, in-process or in a child process) | http://HOST:PORT (a server)
+    push_dir: str | None = None  # a remote generator's --weights-dir, where the learner writes the weights it pushes
+    push_every: int = 1  # push the learner's weights to the generator every N steps
+    is_correction: bool = True  # weight tokens by the truncated ratio of learner to generator probabilities
+    max_is_ratio: float = 2.0
+    rl_eval_prompts: int = 32  # held-out prompts per task in each evaluation (pass@1, mean reward)
     # --- outputs ---
     out_dir: str = "runs/tiny"
     export: bool = True  # write out_dir/hf (Hugging Face format + tokenizer) when the run ends
@@ -132,6 +165,21 @@ class TrainConfig:
             (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
             (0 <= self.prune_easy < 1 and self.sft_examples > 0, "prune_easy must be in [0, 1), sft_examples > 0"),
             (self.beta > 0 and 0 <= self.label_smoothing < 0.5, "beta must be > 0 and label_smoothing in [0, 0.5)"),
+            (self.prefer in ("correct", "shorter"), f"prefer must be correct or shorter, got {self.prefer!r}"),
+            (self.group_size >= 2, f"group_size must be >= 2 (advantages compare answers to one prompt), got "
+                                   f"{self.group_size}"),
+            (self.temperature > 0 and self.max_new_tokens > 0, "temperature and max_new_tokens must be > 0"),
+            (0 <= self.eps_low < 1 and self.eps_high >= 0 and self.kl_coef >= 0,
+             "need 0 <= eps_low < 1, eps_high >= 0 and kl_coef >= 0"),
+            (self.loss_norm in ("token", "sequence"), f"loss_norm must be token or sequence, got {self.loss_norm!r}"),
+            (self.adv_scale in ("std", "none"), f"adv_scale must be std or none, got {self.adv_scale!r}"),
+            (min(self.max_rounds, self.pool_size, self.pool_k, self.rl_eval_prompts) > 0 and self.refilter_every >= 0,
+             "max_rounds, pool_size, pool_k and rl_eval_prompts must be positive, refilter_every >= 0"),
+            (0 < self.keep_pass <= 1 and 0 < self.promote_at <= 1, "keep_pass and promote_at must be in (0, 1]"),
+            (self.max_staleness >= 0 and self.max_is_ratio >= 1 and self.push_every > 0,
+             "max_staleness must be >= 0, max_is_ratio >= 1 and push_every > 0"),
+            (self.generator == "engine" or self.generator.startswith(("http://", "https://")),
+             f"generator must be engine or a server's http(s)://HOST:PORT, got {self.generator!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -177,6 +225,13 @@ TRAIN_PRESETS: dict[str, dict] = {
     # its reference (a short LR sweep on arithmetic pairs): DPO stays "light".
     "dpo": dict(bias_rate=1e-2, samples=False, seq_len=256, batch_size=4, steps=50, warmup=5, lr=5e-5, min_lr=5e-6,
                 eval_every=10, eval_batches=2, ckpt_every=25, out_dir="runs/dpo"),
+    # online RL on verifiable tasks (herd.post.rl): batch_size prompts x group_size answers per micro-batch. No MoE
+    # bias updates: the generator must route as the learner does at every push, and an engine that ignores the
+    # biases (vLLM) would not; the init model's routing (after its own cooldown) is kept
+    # lr: on the tiny preset 5e-5 left the rollouts' reward flat over 60 steps and 1e-3 raised it (0.54 -> 0.72 on
+    # counting after SFT); billion-parameter runs use ~1e-6 (DAPO)
+    "rl": dict(balance="none", samples=False, seq_len=512, batch_size=8, steps=60, warmup=0, lr=1e-3, min_lr=1e-3,
+               schedule="constant", weight_decay=0.0, eval_every=20, ckpt_every=20, log_every=1, out_dir="runs/rl"),
     "tiny-midtrain": dict(bias_rate=1e-2, seq_len=256, batch_size=4, steps=200, warmup=10, lr=1e-3, min_lr=1e-4,
                           data="builtin+passkey+kv", eval_every=50, ckpt_every=100, out_dir="runs/tiny-midtrain"),
 }

@@ -426,7 +426,7 @@ class Run:
                 hf_format.export(model, self.tok, out)
             if routers := hf_format.biased(model):
                 b = (self.val_batches or [next(iter(self.batches))])[0]
-                change = routing_without_biases(model, b["input_ids"], b["doc_ids"])
+                change = routing_without_biases(model, b["input_ids"], b["doc_ids"], b.get("pixel_values"))
                 self.log({"kind": "export", "step": self.step, "biased_routers": len(routers), **change})
                 print(f"WARNING: {out} routes with non-zero MoE selection biases ({len(routers)} routers): the run "
                       f"stopped before its bias cooldown ended, or bias_cooldown=0. herd loads them; transformers and "
