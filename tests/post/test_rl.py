@@ -314,3 +314,15 @@ def test_multimodal_rl_on_scene_questions(tmp_path, monkeypatch):
     assert "val_pass@1/scenes" in summary
     group = json.loads((tmp_path / "run" / ROLLOUTS_FILE).read_text().splitlines()[0])
     assert group["task"] == "scenes" and group["messages"] is None  # images are regenerated from the seed
+
+
+def test_herd_rl_command_trains_and_prints_how_to_chat(base, tmp_path, vowels, capsys):
+    from herd.cli import main as herd_cli
+
+    out = tmp_path / "cli"
+    code = herd_cli(["rl", "--init", str(base), "--tasks", "vowels@1", "--out", str(out), "steps=1", "batch_size=1",
+                     "group_size=2", "max_new_tokens=4", "rl_eval_prompts=1", "refilter_every=0", "plots=false"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "RL on vowels@1" in printed and f"herd chat --model {out / 'hf'}" in printed
+    assert json.loads((out / "train_config.json").read_text())["rl_tasks"] == "vowels@1"
+    assert herd.from_pretrained(out / "hf", dtype=torch.float32) is not None
