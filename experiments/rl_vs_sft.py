@@ -61,19 +61,20 @@ def evaluate(model_dir: str, n: int, k: int) -> dict:
                    temperature=1.0, max_new_tokens=48, seed=1234, bpb_batches=0)
     return {"pass@1": res["total"]["pass@1"],
             "per_task": {t: v["all"]["pass@1"] for t, v in res["tasks"].items()},
-            "format_error_rate": res["total"]["format_error_rate"]}
+            "format_error_rate": res["total"]["format_error_rate"], "answer_tokens": res["total"]["mean_length"]}
 
 
-def run_rl(sft: str, name: str, seed: int, steps: int, quick: bool) -> dict:
+def run_rl(sft: str, out: Path, seed: int, steps: int, quick: bool, **variant) -> dict:
+    """herd rl from `sft` into `out` with this experiment's settings (shared by the other post-training experiments);
+    `variant`: TrainConfig fields that differ."""
     from herd.post.rl import rl
     from herd.train.train_config import train_preset
 
-    out = ROOT / f"{name.replace(' ', '-')}-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
     settings = dict(init=sft, out_dir=str(out), seed=seed, rl_tasks=TASKS, steps=steps, lr=1e-3, min_lr=1e-3,
                     batch_size=4 if quick else 8, group_size=8, max_new_tokens=48, eval_every=steps, ckpt_every=steps,
                     refilter_every=10, pool_size=32, rl_eval_prompts=16, log_every=10)
-    cfg = train_preset("rl", **{**settings, **VARIANTS[name]})
+    cfg = train_preset("rl", **{**settings, **variant})
     t0 = time.perf_counter()
     summary = rl(cfg)
     return {"hf": summary["hf"], "rollout_tokens": summary["rollout_tokens"], "time_s": time.perf_counter() - t0,
@@ -118,7 +119,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for name in VARIANTS:
-            r = run_rl(sft, name, seed, steps, args.quick)
+            r = run_rl(sft, ROOT / f"{name.replace(' ', '-')}-s{seed}", seed, steps, args.quick, **VARIANTS[name])
             rows.append({"variant": name, "seed": seed, **r, **evaluate(r["hf"], n, 4)})
             print(f"{name} seed {seed}: pass@1 {rows[-1]['pass@1']:.3f} {rows[-1]['per_task']} "
                   f"({r['rollout_tokens']:.0f} rollout tokens, {r['time_s']:.0f}s)", flush=True)

@@ -63,6 +63,9 @@ def test_kv_cache_accounting():
     kv = kv_cache_bytes_per_token(herd.preset("llama4-scout"))
     assert kv["all_layers"] == 48 * 2 * 8 * 128 * 2
     assert kv["global_layers"] == 12 * 2 * 8 * 128 * 2
+    # a chunk as long as the context cuts nothing (a dense Llama): every layer's cache grows as a global one's
+    dense = herd.preset("tiny", attention_chunk_size=4096, max_position_embeddings=4096)
+    assert kv_cache_bytes_per_token(dense)["chunked_layers"] == 0
 
 
 @pytest.mark.parametrize("kw,match", [

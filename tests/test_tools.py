@@ -169,6 +169,62 @@ def test_finish_reason():
     assert finish_reason(parse_tool_calls("[f()]"), "length") == "tool_calls"
 
 
+# ---- Meta's other forms: function tags, built-in tools, <|python_start|> code ----------------------------------------
+def test_function_tag():
+    p = parse_tool_calls('Let me check. <function=get_weather>{"city": "Zürich"}</function>')
+    assert p.content == "Let me check." and calls(p) == [("get_weather", {"city": "Zürich"})]
+    p = parse_tool_calls('<function=get_weather>{"city": "SF"}</function>\n<function=get_time>{}</function>', TOOLS)
+    assert p.content is None and calls(p) == [("get_weather", {"city": "SF"}), ("get_time", {})]
+    assert calls(parse_tool_calls('<function=get_time>{"tz": "UTC"}')) == [("get_time", {"tz": "UTC"})]  # unclosed
+    for text in ['<function=get_time>{"tz": "UTC"}</function> and more', '<function=get_time>[1]</function>',
+                 '<function=get_time>{"tz": }</function>', "<function=get time>{}</function>",
+                 '<function=get_time>{"a": 1}</function></function>']:
+        assert parse_tool_calls(text) == ParsedOutput(text, []), text
+    assert not parse_tool_calls("<function=rm_rf>{}</function>", TOOLS).tool_calls  # not in the tools list
+
+
+def test_builtin_tool_convention():
+    p = parse_tool_calls('Searching. brave_search.call(query="Llama 4 release date")')
+    assert p.content == "Searching." and calls(p) == [("brave_search", {"query": "Llama 4 release date"})]
+    assert calls(parse_tool_calls('wolfram_alpha.call(query="2+2")\n')) == [("wolfram_alpha", {"query": "2+2"})]
+    for text in ['my_search.call(query="x")', 'brave_search.call(query=open("x"))', "brave_search.call(query)",
+                 'xbrave_search.call(query="x")', 'brave_search.call(query="x") then']:
+        assert not parse_tool_calls(text).tool_calls, text
+    assert not parse_tool_calls('brave_search.call(query="x")', TOOLS).tool_calls  # not offered
+    offered = TOOLS + [{"type": "function", "function": {"name": "brave_search"}}]
+    assert calls(parse_tool_calls('brave_search.call(query="x")', offered)) == [("brave_search", {"query": "x"})]
+
+
+def test_python_markers_as_code_interpreter_call():
+    code = "import math\nprint(math.pi)"
+    p = parse_tool_calls(f"<|python_start|>{code}<|python_end|>")
+    assert p.content is None and calls(p) == [("code_interpreter", {"code": code})]
+    p = parse_tool_calls(f"Computing.<|python_start|>{code}")  # stopped (eom) before <|python_end|>
+    assert p.content == "Computing." and calls(p) == [("code_interpreter", {"code": code})]
+    # a call inside the markers is that call; herd's own format (content in the markers, calls after) is unchanged
+    inside = "<|python_start|>[get_time(tz='UTC')]<|python_end|>"
+    assert calls(parse_tool_calls(inside)) == [("get_time", {"tz": "UTC"})]
+    p = parse_tool_calls('<|python_start|>Checking.<|python_end|>{"name": "get_time", "parameters": {}}')
+    assert p.content == "Checking." and calls(p) == [("get_time", {})]
+    assert parse_tool_calls("<|python_start|>hi<|python_end|> there") == ParsedOutput("hi there", [])
+    assert parse_tool_calls("<|python_start|> \n<|python_end|>") == ParsedOutput(" \n", [])  # no code
+    assert not parse_tool_calls(f"<|python_start|>{code}", TOOLS).tool_calls  # code_interpreter not offered
+
+
+@pytest.mark.parametrize("text,content,expected", [
+    ('Sure. <function=get_time>{"tz": "UTC"}</function>', "Sure.", [("get_time", {"tz": "UTC"})]),
+    ('Sure. brave_search.call(query="a b")', "Sure.", [("brave_search", {"query": "a b"})]),
+    ("Sure.<|python_start|>print(1)\n<|python_end|>\n", "Sure.", [("code_interpreter", {"code": "print(1)\n"})]),
+])
+def test_meta_forms_stream_character_by_character(text, content, expected):
+    streamed, deltas, result = stream(list(text))
+    assert streamed == content and calls(result) == expected
+    assert [(d["function"]["name"], json.loads(d["function"]["arguments"])) for d in deltas] == expected
+    parser = ToolCallStreamParser()
+    assert parser.feed("Sure. b").content == "Sure."  # "b" may begin brave_search.call(: held
+    assert parser.feed("ye.").content == " bye."  # released as soon as it cannot
+
+
 # ---- streaming -----------------------------------------------------------------------------------------------------
 def test_stream_sends_prose_and_holds_the_call():
     parser = ToolCallStreamParser(TOOLS)
@@ -190,7 +246,8 @@ def test_stream_releases_a_candidate_once_it_cannot_be_a_call():
     assert parser.feed('{"res').content == '{"res'  # no call object has a key starting "res"
     parser = ToolCallStreamParser()
     assert parser.feed("x <|python_st").content == "x"  # may be a marker: held
-    assert parser.feed("art|>[f(a=1)] y").content == " [f(a=1)] y"  # text after the list: not a call
+    assert parser.feed("art|>[f(a=1)]").content == ""  # may be a call, or code for the code interpreter
+    assert parser.feed("<|python_end|> y").content == " [f(a=1)] y"  # text after the markers: neither
 
 
 def test_stream_handles_long_prose_piece_by_piece():
@@ -199,13 +256,16 @@ def test_stream_handles_long_prose_piece_by_piece():
     assert content == text and deltas == [] and result.content == text
 
 
-VALID = ["[get_weather(city='SF')]", '[get_weather(city="S, F"), get_time(tz=\'U)TC\')]',
+VALID = ["[get_weather(city='SF')]", '<function=get_time>{"tz": "UTC"}</function>', 'brave_search.call(query="q")',
+         '<function=get_weather>{"c": [1]}</function>\n<function=get_time>{}', "<|python_start|>print(1)<|python_end|>",
+         '[get_weather(city="S, F"), get_time(tz=\'U)TC\')]',
          '{"name": "get_time", "parameters": {"tz": "UTC"}}', '{"name": "get_weather", "arguments": "{\\"c\\": 1}"}',
          '[{"name": "get_time", "parameters": {}}]', "```json\n{\"name\": \"get_time\", \"parameters\": {}}\n```",
          "<|python_start|>[get_time(tz='''x\"y''')]<|python_end|>", "[unknown(a=1)]"]
 NOISE = ["Sure, let me check.", " ", "\n", "[", "]", "{", "}", "(", ")", "`", "```", "```json\n", "'", '"', "'''",
          "\\", "#", ",", ";", "=", "x", "get_time(", "tz=", "<|python_start|>", "<|python_end|>", "<|pyth", "|>",
-         "[note]", '{"name": ', '"parameters": {}}', '{"result": 1}', "[f(x)]", "[a, b]"]
+         "[note]", '{"name": ', '"parameters": {}}', '{"result": 1}', "[f(x)]", "[a, b]", "<function=", "</function>",
+         "<function=get_time>", "brave", "brave_search.call(", 'query="x")', "<", ">", "b", "p"]
 texts = st.one_of(
     st.lists(st.sampled_from(NOISE + VALID), max_size=10).map("".join),
     st.tuples(st.lists(st.sampled_from(NOISE), max_size=4).map("".join), st.sampled_from(VALID),

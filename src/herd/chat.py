@@ -6,14 +6,15 @@ roles system / user / assistant / ipython (OpenAI's "tool"; OpenAI's newer "deve
 add_generation_prompt the open assistant header.
 
 Design
-- Token-for-token what transformers' Llama 4 chat template (models/llama4/processing_llama4.py) renders and its
-  processor expands, except that special tokens are inserted as ids, never parsed out of text: a user who types
-  "<|eot|>" gets the BPE of those characters, not a turn end. Text between two control tokens is encoded as one
-  string, because that is what tokenizing the rendered template does (it decides how "\n\n" joins the content).
-- Conventions taken from that template (they differ from Meta's reference in places, noted where it matters):
-  every turn ends with `<|eot|>`, ipython turns included (vLLM's template ends those with `<|eom|>`). The one
-  exception is the default style="meta": an assistant turn that made tool calls ends with `<|eom|>`, as in Meta's
-  reference chat format (models/llama4/chat_format.py, stop reason end_of_message). An assistant tool-call turn
+- Three styles. The default "herd" is transformers' Llama 4 chat template (models/llama4/processing_llama4.py) token
+  for token, as its processor expands it, except that an assistant turn that made tool calls ends with `<|eom|>`
+  (end of message: a tool result follows), as Meta's reference does; "transformers" is the template exactly
+  (`<|eot|>` everywhere). "meta" is Meta's reference `ChatFormat` (llama-models models/llama4/chat_format.py), see
+  below. In every style special tokens are inserted as ids, never parsed out of text: a user who types "<|eot|>"
+  gets the BPE of those characters, not a turn end.
+- "herd" / "transformers": text between two control tokens is encoded as one string, because that is what
+  tokenizing the rendered template does (it decides how "\n\n" joins the content). Every turn ends with `<|eot|>`,
+  ipython turns included (vLLM's template ends those with `<|eom|>`). An assistant tool-call turn
   is `<|python_start|>{content}<|python_end|>` followed by `{"name": NAME, "parameters": ARGS-JSON}` per call. A tool
   result is rendered as JSON (a plain string becomes a quoted JSON string, as in transformers' and vLLM's templates).
   The system prompt (first message only) is stripped. With `tools`, the function specs go into the first user
@@ -25,7 +26,18 @@ Design
   `<|patch|>` runs row by row with
   `<|tile_x_separator|>` between columns and `<|tile_y_separator|>` after each row, then `<|image|>` + the thumbnail's
   patches + `<|image_end|>`; a 1x1 image has no tiles part. The grid of each image comes from image preprocessing
-  (`herd.image`), passed in as `image_grids`; `prepare_chat` runs the preprocessing too.
+  (`herd.image`), passed in as `image_grids`; `prepare_chat` runs the preprocessing too. Meta's `_encode_image`
+  lays images out the same way.
+- "meta", as `ChatFormat.encode_dialog_prompt` does it: every piece is encoded on its own (the role, the header's
+  "\n\n", each content part, each tool call), so BPE never merges across them; system prompts are kept verbatim;
+  an assistant tool call is the bare call text after the content, `{"type": "function", "name": .., "parameters":
+  ..}` (json.dumps, ASCII-escaped), `[f(a=1)]` (tool_format="pythonic", Meta's value formatting: strings quoted
+  as is) or `<function=f>{..}</function>` (tool_format="function_tag"); Meta's built-in tools are
+  `brave_search.call(query="..")` (also wolfram_alpha, photogen) and code_interpreter's bare code. Tool-call turns
+  and tool results (raw text, header "ipython") end with `<|eom|>`. Meta's ChatFormat renders no tool
+  definitions; with `tools`, herd adds the template's preamble block as in the other styles.
+- `template=`: a Jinja chat template (herd.formats.chat_template) renders the conversation instead, for fine-tunes
+  trained on another format; its text is tokenized with special tokens parsed, `<|image|>` laid out as above.
 """
 
 from __future__ import annotations
@@ -102,14 +114,17 @@ def collect_images(messages: Sequence[dict]) -> list[Any]:
 class _Ids:
     """Token ids under construction: text is buffered and encoded in one piece up to the next control token."""
 
-    def __init__(self, tokenizer: Tokenizer, grids: list, tokens_per_tile: int):
+    def __init__(self, tokenizer: Tokenizer, grids: list, tokens_per_tile: int, separate: bool = False):
         self.tok, self.grids, self.tokens_per_tile = tokenizer, grids, tokens_per_tile
+        self.separate = separate  # Meta's ChatFormat: each piece is encoded on its own, never joined to the next
         self.ids: list[int] = []
         self._text: list[str] = []
         self.n_images = 0
 
     def text(self, s: str) -> None:
         self._text.append(s)
+        if self.separate:
+            self.flush()
 
     def special(self, name: str) -> None:
         self.flush()
@@ -146,8 +161,8 @@ class _Ids:
             self._text = []
 
 
-def _tool_call_json(call: dict) -> str:
-    """One OpenAI tool call as the template's `{"name": ..., "parameters": ...}` (arguments parsed if a string)."""
+def _call(call: dict) -> tuple[str, Any]:
+    """(name, arguments) of one OpenAI tool call; arguments parsed if they are a JSON string."""
     fn = call.get("function", call)
     args = fn.get("arguments", fn.get("parameters", {}))
     if isinstance(args, str):
@@ -155,8 +170,46 @@ def _tool_call_json(call: dict) -> str:
             args = json.loads(args) if args.strip() else {}
         except json.JSONDecodeError as e:
             raise ValueError(f"tool call {fn.get('name')!r} has arguments that are not JSON: {args!r}") from e
+    return fn["name"], args
+
+
+def _tool_call_json(call: dict) -> str:
+    """One OpenAI tool call as the template's `{"name": ..., "parameters": ...}` (arguments parsed if a string)."""
+    name, args = _call(call)
     # The name goes in verbatim and the arguments through json.dumps(ensure_ascii=False): the template's tojson.
-    return '{"name": "' + fn["name"] + '", "parameters": ' + json.dumps(args, ensure_ascii=False) + "}"
+    return '{"name": "' + name + '", "parameters": ' + json.dumps(args, ensure_ascii=False) + "}"
+
+
+BUILTIN_QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")  # Meta's BuiltinTool, bar code_interpreter
+TOOL_FORMATS = ("json", "pythonic", "function_tag")
+
+
+def _meta_value(v: Any) -> str:
+    """A pythonic argument value as Meta's ToolUtils.encode_tool_call writes it (strings quoted, not escaped)."""
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, (int, float, bool)) or v is None:
+        return str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(map(_meta_value, v)) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}={_meta_value(x)}" for k, x in v.items()) + "}"
+    raise ValueError(f"a pythonic tool call cannot hold a {type(v).__name__} argument")
+
+
+def meta_tool_call(call: dict, tool_format: str = "json") -> str:
+    """One OpenAI tool call as the text Meta's ChatFormat puts after an assistant header (ToolUtils.encode_tool_call,
+    llama-models models/llama3/tool_utils.py)."""
+    name, args = _call(call)
+    if name in BUILTIN_QUERY_TOOLS:
+        return f'{name}.call(query="{args["query"]}")'
+    if name == "code_interpreter":
+        return args["code"]
+    if tool_format == "json":  # json.dumps defaults: ASCII escapes, ", " and ": " separators
+        return json.dumps({"type": "function", "name": name, "parameters": args})
+    if tool_format == "function_tag":
+        return f"<function={name}>{json.dumps(args)}</function>"
+    return f"[{name}(" + ", ".join(f"{k}={_meta_value(v)}" for k, v in args.items()) + ")]"
 
 
 def _system_text(content: Any) -> str:
@@ -166,10 +219,29 @@ def _system_text(content: Any) -> str:
     return "".join(v for _, v in parts).strip()
 
 
-def _turn(out: _Ids, m: dict, style: str) -> None:
+def _meta_turn(out: _Ids, role: str, m: dict, tool_format: str) -> None:
+    """One message as Meta's ChatFormat.encode_message renders it (out encodes every piece separately)."""
+    out.header(role)
+    calls = m.get("tool_calls") if role == "assistant" else None
+    c = m.get("content")
+    if role != "ipython" or isinstance(c, (str, list)) or c is None:
+        if role == "ipython" and any(kind == "image" for kind, _ in _parts(c)):
+            raise ValueError("a tool result cannot hold images")
+        out.content(c)
+    else:  # a structured result (dict, number): its JSON text
+        out.text(json.dumps(c, ensure_ascii=False))
+    for call in calls or []:
+        out.text(meta_tool_call(call, tool_format))
+    out.special("eom" if calls or role == "ipython" else "eot")
+
+
+def _turn(out: _Ids, m: dict, style: str, tool_format: str = "json") -> None:
     role = ROLES.get(m.get("role"))
     if role is None:
         raise ValueError(f"unknown role {m.get('role')!r}; use one of {sorted(ROLES)}")
+    if style == "meta":
+        _meta_turn(out, role, m, tool_format)
+        return
     if role == "ipython":  # tool results are JSON-encoded, strings included (see module docstring)
         c = m.get("content")
         out.header("ipython")
@@ -186,26 +258,56 @@ def _turn(out: _Ids, m: dict, style: str) -> None:
         out.content(m.get("content"))
     # Meta's format ends an assistant turn that stopped to call a tool with <|eom|> (end of message: a tool result
     # follows); transformers' template ends every turn with <|eot|>.
-    out.special("eom" if style == "meta" and role == "assistant" and m.get("tool_calls") else "eot")
+    out.special("eom" if style == "herd" and role == "assistant" and m.get("tool_calls") else "eot")
+
+
+STYLES = ("herd", "transformers", "meta")
+
+
+def _template_ids(template: str, messages: Sequence[dict], tokenizer: Tokenizer, add_generation_prompt: bool,
+                  grids: list, tokens_per_tile: int, tools: Sequence[dict] | None) -> list[int]:
+    """A Jinja chat template's text (herd.formats.chat_template), tokenized with its special tokens parsed, and each
+    `<|image|>` it writes laid out by the next grid, as transformers' Llama 4 processor expands it."""
+    from herd.formats.chat_template import TemplateError, render_text
+
+    pieces = render_text(template, messages, tokenizer.bos_token, add_generation_prompt, tools).split("<|image|>")
+    if len(pieces) - 1 != len(grids):
+        raise TemplateError(f"the chat template wrote {len(pieces) - 1} <|image|> placeholders for {len(grids)} "
+                            "images; a template for this model must write one per image part")
+    ids = tokenizer.encode(pieces[0], allow_special=True)
+    for (rows, cols), piece in zip(grids, pieces[1:], strict=True):
+        ids += image_tokens(tokenizer, rows, cols, tokens_per_tile) + tokenizer.encode(piece, allow_special=True)
+    return ids
 
 
 def format_chat(messages: Sequence[dict], tokenizer: Tokenizer, add_generation_prompt: bool = True,
                 image_grids: Sequence[tuple[int, int]] | None = None, tokens_per_tile: int = 144,
-                tools: Sequence[dict] | None = None, style: str = "meta") -> list[int]:
+                tools: Sequence[dict] | None = None, style: str = "herd", tool_format: str = "json",
+                template: str | None = None) -> list[int]:
     """Token ids of a conversation, BOS first. `image_grids` holds (rows, cols) per image in message order
     (`collect_images` order); `tools` are OpenAI function specs, rendered into the first user message.
-    style="meta" (default) ends assistant tool-call turns with <|eom|> as Meta's reference chat format does;
-    style="transformers" is token-identical to transformers' Llama 4 chat template (<|eot|> everywhere)."""
-    if style not in ("meta", "transformers"):
-        raise ValueError(f"style must be 'meta' or 'transformers', got {style!r}")
-    out = _Ids(tokenizer, list(image_grids or []), tokens_per_tile)
+    style="herd" (default): transformers' Llama 4 template, but assistant tool-call turns end with <|eom|>;
+    "transformers": token-identical to that template; "meta": token-identical to Meta's reference ChatFormat, whose
+    tool calls are written in `tool_format` ("json", "pythonic" or "function_tag"; see the module docstring).
+    `template`: a Jinja chat template rendered instead (a fine-tune's own format; see herd.formats.chat_template)."""
+    if template is not None:
+        return _template_ids(template, messages, tokenizer, add_generation_prompt, list(image_grids or []),
+                             tokens_per_tile, tools)
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}; got {style!r}")
+    if tool_format not in TOOL_FORMATS:
+        raise ValueError(f"tool_format must be one of {', '.join(TOOL_FORMATS)}; got {tool_format!r}")
+    out = _Ids(tokenizer, list(image_grids or []), tokens_per_tile, separate=style == "meta")
     out.special("bos")
     messages = list(messages)
     if messages and ROLES.get(messages[0].get("role")) == "system":
         out.header("system")
         if tools is not None:
             out.text("Environment: ipython\n")
-        out.text(_system_text(messages[0].get("content")))
+        if style == "meta":  # verbatim, parts and all
+            out.content(messages[0].get("content"))
+        else:
+            out.text(_system_text(messages[0].get("content")))
         out.special("eot")
         messages = messages[1:]
     if tools is not None:
@@ -216,10 +318,10 @@ def format_chat(messages: Sequence[dict], tokenizer: Tokenizer, add_generation_p
         out.text(TOOLS_PREAMBLE)
         for t in tools:
             out.text(json.dumps(t, indent=4, ensure_ascii=False) + "\n\n")
-        out.content(first.get("content"), strip=True)
+        out.content(first.get("content"), strip=style != "meta")
         out.special("eot")
     for m in messages:
-        _turn(out, m, style)
+        _turn(out, m, style, tool_format)
     if add_generation_prompt:
         out.header("assistant")
     out.flush()
@@ -236,7 +338,8 @@ def tiling(vision_config) -> dict:
 
 def prepare_chat(messages: Sequence[dict], tokenizer: Tokenizer, add_generation_prompt: bool = True,
                  tools: Sequence[dict] | None = None, tile_size: int = 336, max_tiles: int = 16,
-                 tokens_per_tile: int = 144, style: str = "meta"):
+                 tokens_per_tile: int = 144, style: str = "herd", tool_format: str = "json",
+                 template: str | None = None):
     """Token ids and the preprocessed images (`herd.image.ImageBatch`, or None without images) of a conversation:
     loads every image source, tiles it, and lays out its tokens by the resulting grid."""
     sources = collect_images(messages)
@@ -248,5 +351,13 @@ def prepare_chat(messages: Sequence[dict], tokenizer: Tokenizer, add_generation_
             raise ValueError("an image part has no source; give it an image_url / url / path")
         batch = himage.preprocess([himage.load_image(s) for s in sources], tile_size=tile_size, max_tiles=max_tiles)
     grids = batch.grids if batch is not None else None
-    ids = format_chat(messages, tokenizer, add_generation_prompt, grids, tokens_per_tile, tools, style)
+    ids = format_chat(messages, tokenizer, add_generation_prompt, grids, tokens_per_tile, tools, style, tool_format,
+                      template)
     return ids, batch
+
+
+def default_template_spec(tokenizer: Tokenizer) -> str | None:
+    """The `--chat-template` a checkpoint gets when none is named: "checkpoint" (its own template) when its tokenizer
+    lacks Llama 4's chat tokens but has a template (SmolLM2's ChatML in its GGUF, a Llama 3's headers): herd's own
+    format would need tokens that model never saw. Else None, herd's own format."""
+    return "checkpoint" if "<|header_start|>" not in tokenizer.specials and tokenizer.chat_template else None

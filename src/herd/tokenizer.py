@@ -126,8 +126,11 @@ class Tokenizer:
     """A Llama 4 tokenizer over a `tokenizers.Tokenizer` (real checkpoint or trained here)."""
 
     def __init__(self, tok: tokenizers.Tokenizer, bos_token: str = BOS, eos_token: str = EOT,
-                 pad_token: str | None = PAD, model_max_length: int | None = None):
+                 pad_token: str | None = PAD, model_max_length: int | None = None, chat_template: str | None = None):
         self._tok = tok
+        # The checkpoint's own Jinja chat template, if it has one (herd.formats.chat_template); `save` writes it, or
+        # herd's own template when there is none.
+        self.chat_template = chat_template
         # Make the Rust side skip added-token matching inside text: encode treats input as plain text and finds
         # special tokens itself only when asked (allow_special). The flag is not saved in tokenizer.json.
         tok.encode_special_tokens = True
@@ -167,6 +170,10 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
         """A checkpoint directory: tokenizer.json, plus bos/eos/pad/model_max_length from tokenizer_config.json."""
+        if str(path).lower().endswith(".gguf"):  # the tokenizer inside a GGUF file (herd.formats.gguf_tokenizer)
+            from herd.formats.gguf_tokenizer import read_tokenizer
+            tok, kw = read_tokenizer(path, O200K_PATTERN)
+            return cls(tok, **kw)
         root = Path(path)
         kw = {}
         cfg_file = root / "tokenizer_config.json"
@@ -179,11 +186,20 @@ class Tokenizer:
                 kw[key] = v
         if isinstance(cfg.get("model_max_length"), int) and cfg["model_max_length"] < 1 << 40:
             kw["model_max_length"] = cfg["model_max_length"]
+        # transformers 5 saves the template as chat_template.jinja; older files keep it in tokenizer_config.json
+        jinja = root / "chat_template.jinja"
+        if os.path.lexists(jinja):
+            kw["chat_template"] = _regular(jinja).read_text()
+        elif isinstance(cfg.get("chat_template"), str):
+            kw["chat_template"] = cfg["chat_template"]
         return cls.from_file(root / "tokenizer.json", **kw)
 
     def save(self, path: str | os.PathLike) -> None:
         """tokenizer.json + tokenizer_config.json + special_tokens_map.json, loadable by transformers'
-        `AutoTokenizer.from_pretrained` (as a `PreTrainedTokenizerFast`) and by `Tokenizer.from_pretrained`."""
+        `AutoTokenizer.from_pretrained` (as a `PreTrainedTokenizerFast`) and by `Tokenizer.from_pretrained`, and
+        chat_template.jinja: this tokenizer's chat template, else herd's own (so `apply_chat_template` works)."""
+        from herd.formats.chat_template import HERD_CHAT_TEMPLATE
+
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(root / "tokenizer.json"))
@@ -196,6 +212,7 @@ class Tokenizer:
             cfg["model_max_length"] = self.model_max_length
         (root / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (root / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n")
+        (root / "chat_template.jinja").write_text(self.chat_template or HERD_CHAT_TEMPLATE)
 
     # ---- ids ------------------------------------------------------------------------------------------------------
     def special(self, name: str) -> int:
@@ -278,8 +295,8 @@ class Tokenizer:
             self._bytes[i] = b
         return b
 
-    def stream(self, skip_special: bool = False) -> StreamDecoder:
-        return StreamDecoder(self, skip_special)
+    def stream(self, skip_special: bool = False, keep: Iterable[str] = ()) -> StreamDecoder:
+        return StreamDecoder(self, skip_special, keep)
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, n_ranks={self.n_ranks}, specials={len(self.specials)})"
@@ -293,10 +310,12 @@ class StreamDecoder:
     so the concatenated output of all `put` calls plus `flush()` equals `tokenizer.decode(ids)`.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False, keep: Iterable[str] = ()):
+        """`skip_special`: drop the text of special tokens, except those named in `keep`."""
         self.tokenizer, self.skip_special = tokenizer, skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._skip = set(tokenizer.specials.values()) if skip_special else set()
+        kept = {tokenizer.specials[t] for t in keep if t in tokenizer.specials}
+        self._skip = set(tokenizer.specials.values()) - kept if skip_special else set()
 
     def put(self, token_id: int) -> str:
         if token_id in self._skip:

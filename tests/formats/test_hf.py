@@ -196,7 +196,7 @@ def test_missing_pieces(saved, tmp_path):
     (lambda d: d.update(attention_chunk_size=0), "attention_chunk_size must be a positive int"),
     (lambda d: d.update(hidden_sise=64), r"keys herd does not know: \['hidden_sise'\]"),
     (lambda d: d.update(num_hidden_layers="four"), "num_hidden_layers must be a positive int"),
-    (lambda d: d.update(model_type="llama"), "not a Llama 4 model"),
+    (lambda d: d.update(model_type="mistral"), "not a Llama 4 model"),  # "llama": herd.formats.llama
     (lambda d: d.update(num_experts_per_tok=9), "exceeds num_local_experts"),
 ])
 def test_malformed_config(saved, edit, match):

@@ -124,6 +124,22 @@ def test_pruning_drops_the_easiest_and_writes_the_scores(tmp_path, monkeypatch):
     assert calls[-1] == "OTHER"
 
 
+def test_pruning_drops_the_easy_part_of_each_task(monkeypatch, tmp_path):
+    """tasks: data is pruned within each task: a task whose answers the judge finds predictable as a whole
+    (every counting score below every arithmetic one) still keeps its harder half."""
+    monkeypatch.setattr(sft_mod, "judge_scores", lambda judge, examples, *a, **k:
+                        [float(i) if i < 4 else 10.0 + i for i in range(len(examples))])
+    cfg = train_preset("sft", sft_data="tasks:counting,arithmetic@1", sft_examples=4, init="J", prune_easy=0.5,
+                       out_dir=str(tmp_path / "o"))
+    sft_mod.chat_rows(cfg, tiny_tokenizer(), "train")
+    recs = [json.loads(x) for x in (tmp_path / "o" / "sft_judge_scores.jsonl").read_text().splitlines()]
+    assert [(r["source"].split()[1], r["kept"]) for r in recs] == \
+        [("counting", False)] * 2 + [("counting", True)] * 2 + [("arithmetic", False)] * 2 + [("arithmetic", True)] * 2
+    assert sft_mod.prune_easy([3.0, 1.0, 2.0, 0.0], 0.5) == [0, 2]  # one group: the global easiest half
+    assert sft_mod.prune_easy([3.0, 1.0, 2.0, 0.0], 0.5, ["a", "a", "b", "b"]) == [0, 2]
+    assert sft_mod.prune_easy([0.0, 1.0, 2.0, 3.0], 0.5, ["a", "a", "b", "b"]) == [1, 3]
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "line 2: not valid JSON"),
     ('{"messages": []}', 'line 2: expected an object with a non-empty "messages" list'),
@@ -189,3 +205,15 @@ def test_herd_sft_on_tasks(base, tmp_path):
     assert (out / "hf" / "model.safetensors").is_file()
     assert herd_cli(["sft", "--init", str(base), "--data", "tasks:scenes", "--out", str(tmp_path / "no"),
                      *SMALL]) == 2  # image tasks need a multimodal init (tests/post/test_sft_images.py)
+
+
+def test_task_examples_difficulty_ranges():
+    """tasks:NAME@LO-HI spreads the examples evenly over LO..HI; @D is one difficulty; bad ranges are named."""
+    from herd.post.sft_data import task_examples
+
+    assert [e.difficulty for e in task_examples("arithmetic@2-3", 5, "train")] == [2, 2, 2, 3, 3]
+    assert {e.difficulty for e in task_examples("counting@2", 3, "train")} == {2}
+    assert {e.difficulty for e in task_examples("counting", 12, "train")} == set(range(1, 7))
+    for bad in ("arithmetic@3-2", "arithmetic@0", "arithmetic@1-9", "arithmetic@x"):
+        with pytest.raises(DataError, match="difficulty"):
+            task_examples(bad, 2, "train")

@@ -6,7 +6,7 @@
 - An exception a route lets escape is an OpenAI-shaped 500 on a connection that stays open, and a stream that fails
   after its 200 ends with an error event and `data: [DONE]`, its generation cancelled and counted. Nothing in the
   server raises that way on its own any more, so the server process imports a `sitecustomize` (from PYTHONPATH)
-  that makes two functions of herd.serve.app raise for requests with a marker seed.
+  that makes two functions of herd.serve.completion raise for requests with a marker seed.
 - /openapi.json describes the request bodies.
 
 Run: .venv/bin/python -m pytest tests/serve/test_hardening.py -v
@@ -29,9 +29,9 @@ from tests.serve.server_process import ServerProcess, init_checkpoint
 IMAGE = Path(__file__).parents[1] / "data" / "images" / "square_h224_w224.png"
 FAIL_RESPONSE, FAIL_STREAM = 990001, 990002  # marker seeds: the patched server fails these requests (see INJECT)
 INJECT = f"""
-import herd.serve.app as app
+import herd.serve.completion as completion
 
-_choice, _piece = app._choice, app._StreamedChoice.piece
+_choice, _piece = completion._choice, completion._StreamedChoice.piece
 
 def _failing_choice(svc, job, i, req):
     if req.params.seed == {FAIL_RESPONSE}:
@@ -44,7 +44,7 @@ def _failing_piece(self, tok, delta, finished, chat):
         raise RuntimeError("injected: a stream that fails after its 200")
     return _piece(self, tok, delta, finished, chat)
 
-app._choice, app._StreamedChoice.piece = _failing_choice, _failing_piece
+completion._choice, completion._StreamedChoice.piece = _failing_choice, _failing_piece
 """
 USER = {"role": "user", "content": "hi"}
 

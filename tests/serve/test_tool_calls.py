@@ -1,9 +1,10 @@
 """Tool calls end to end: a real `herd serve` process on 127.0.0.1 and the official `openai` client.
 
 A random model never writes a call, so the module first overfits the tiny preset (about 80 AdamW steps, seconds on
-one CPU thread) to answer three questions, asked with the same `tools` list the requests send and rendered by
+one CPU thread) to answer four questions, asked with the same `tools` list the requests send and rendered by
 herd.chat exactly as the server renders them, with a call each: Llama 4's pythonic list, the JSON object herd's chat
-format writes for an assistant tool-call turn, and prose followed by two parallel calls. Each answer ends with
+format writes for an assistant tool-call turn, prose followed by two parallel calls, and Meta's
+<|python_start|>code<|python_end|> code-interpreter call. Each answer ends with
 <|eom|>, as Meta's format ends a turn that calls a tool. Then, greedy: finish_reason "tool_calls" and the calls with
 their decoded arguments, the same streamed (deltas accumulated by index, as OpenAI clients do), a tool result sent
 back in a follow-up turn, and no calls under tool_choice "none".
@@ -23,7 +24,8 @@ from tests.serve.server_process import ServerProcess
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
              "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}}}}},
-         {"type": "function", "function": {"name": "get_time"}}]
+         {"type": "function", "function": {"name": "get_time"}},
+         {"type": "function", "function": {"name": "code_interpreter"}}]
 # (question, what the model is taught to write, expected content, expected calls). The JSON answer is written by
 # herd.chat (<|python_start|><|python_end|> + the call object), the others are plain text.
 CASES = [
@@ -32,6 +34,9 @@ CASES = [
     ("What time is it in Tokyo?", "json", None, [("get_time", {"timezone": "Asia/Tokyo"})]),
     ("Weather and time in Rome?", 'Let me look that up. [get_weather(city="Rome"), get_time(timezone="Europe/Rome")]',
      "Let me look that up.", [("get_weather", {"city": "Rome"}), ("get_time", {"timezone": "Europe/Rome"})]),
+    # Meta's code-interpreter call: special tokens around the code, which the server must not skip for a tool request
+    ("Compute six times seven in Python.", "<|python_start|>print(6 * 7)<|python_end|>", None,
+     [("code_interpreter", {"code": "print(6 * 7)"})]),
 ]
 STEPS, LR, MAX_LOSS = 80, 1e-2, 0.1  # greedy answers come out right from about 40 steps (loss ~0.3); 80: ~0.02
 
@@ -51,7 +56,7 @@ def _rows(tok, chunk: int) -> list[tuple[list[int], list[int]]]:
             assert full[:len(prompt)] == prompt
             ids = full[len(prompt):]
         else:
-            ids = tok.encode(answer) + [tok.special("eom")]
+            ids = tok.encode(answer, allow_special=True) + [tok.special("eom")]
         rows.append((prompt, ids))
     # The chunked (RoPE) layers at a prompt's last position see only its last attention chunk; a question that ends
     # outside it is told apart by the one NoPE layer alone, which 80 steps do not reliably teach.
@@ -128,7 +133,7 @@ def _streamed(client, question: str) -> tuple[str, list[dict], list[str]]:
     return content, [calls[i] for i in sorted(calls)], reasons
 
 
-@pytest.mark.parametrize("question, _, content, calls", CASES, ids=["pythonic", "json", "prose-then-two"])
+@pytest.mark.parametrize("question, _, content, calls", CASES, ids=["pythonic", "json", "prose-then-two", "code"])
 def test_a_call_comes_back_as_tool_calls(client, question, _, content, calls):
     out = _ask(client, question, tool_choice="auto")
     choice = out.choices[0]
@@ -139,7 +144,7 @@ def test_a_call_comes_back_as_tool_calls(client, question, _, content, calls):
     assert all(c.type == "function" and c.id for c in got) and len({c.id for c in got}) == len(got)
 
 
-@pytest.mark.parametrize("question, _, content, calls", CASES, ids=["pythonic", "json", "prose-then-two"])
+@pytest.mark.parametrize("question, _, content, calls", CASES, ids=["pythonic", "json", "prose-then-two", "code"])
 def test_streaming_gives_the_same_calls(client, question, _, content, calls):
     text, streamed, reasons = _streamed(client, question)
     assert reasons == ["tool_calls"]
@@ -181,7 +186,7 @@ def test_a_finish_seen_before_its_last_deltas_loses_no_text():
         engine = SimpleNamespace(model=SimpleNamespace(text_config=preset("tiny"), vision_config=None))
         queue_length = running = 0
 
-        def submit(self, ids, params, pixel_values=None):
+        def submit(self, ids, params, pixel_values=None, generate=True):
             req = SimpleNamespace(finished=True, finish_reason="stop", text=text, params=params, logprobs=[],
                                   output_ids=[1] * 9)
             queue = asyncio.Queue()

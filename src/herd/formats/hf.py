@@ -5,6 +5,8 @@ Because herd's modules carry the checkpoint's names, the tensor mapping is a pre
   load as they are;
 - `Llama4ForConditionalGeneration` files: `language_model.` is stripped; `vision_model.*` and
   `multi_modal_projector.*` belong to the vision tower, which the text model skips (and reports).
+Dense Llama checkpoints (`LlamaForCausalLM`) are Llama 4 configs too; their config keys, names and q/k row order
+are mapped in herd.formats.llama, hooked in here (config_from_hf, iter_tensors, save_pretrained).
 Config keys are the transformers `Llama4TextConfig` keys; both the v4 spelling (`rope_theta` + `rope_scaling`) and the
 v5 one (`rope_parameters`) are read, and both are written so older and newer readers agree.
 
@@ -39,6 +41,7 @@ import torch
 
 from herd.config import ConfigError, Llama4Config, TextConfig, VisionConfig, config_field_names
 from herd.formats import hf_integrity as integrity
+from herd.formats import llama
 from herd.formats.hf_integrity import CheckpointError
 from herd.model.build import Model, allocate, build_model
 
@@ -80,7 +83,8 @@ def _build(cls: type, kw: dict, what: str):
 
 def text_config_from_hf(d: dict) -> TextConfig:
     if d.get("model_type") not in (None, "llama4_text"):
-        raise ConfigError(f"config.json model_type {d.get('model_type')!r} is not a Llama 4 model")
+        raise ConfigError(f"config.json model_type {d.get('model_type')!r} is not a Llama 4 model (llama4_text, "
+                          "llama4) or a dense Llama (llama)")
     d = dict(d)
     rp = d.pop("rope_parameters", None)
     if isinstance(rp, dict):  # transformers v5: rope_theta and the scaling recipe live together
@@ -105,7 +109,10 @@ def vision_config_from_hf(d: dict, max_tiles: int | None = None) -> VisionConfig
 
 
 def config_from_hf(d: dict, max_tiles: int | None = None) -> TextConfig | Llama4Config:
-    """A herd config from a parsed config.json: `TextConfig` for `llama4_text`, `Llama4Config` for `llama4`."""
+    """A herd config from a parsed config.json: `TextConfig` for `llama4_text` and for a dense `llama`
+    (herd.formats.llama), `Llama4Config` for `llama4`."""
+    if llama.is_llama(d):
+        return llama.config_from_llama(d)
     if d.get("model_type") != "llama4" and "text_config" not in d:
         return text_config_from_hf(d)
     for part in ("text_config", "vision_config"):
@@ -173,6 +180,9 @@ def _read_json(f: Path) -> dict:
 
 
 def load_config(path: str | os.PathLike) -> TextConfig | Llama4Config:
+    if str(path).lower().endswith(".gguf"):  # herd.formats.gguf
+        from herd.formats import gguf
+        return gguf.load_config(path)
     f = Path(path) / "config.json"
     if not f.is_file():
         raise CheckpointError(f"{path} has no config.json")
@@ -210,8 +220,22 @@ def _weight_files(root: Path) -> tuple[str, list[Path]]:
 
 
 def iter_tensors(root: str | os.PathLike):
-    """Yield (checkpoint name, tensor) one at a time from every weight file of a checkpoint directory. A name in two
-    files is refused (with files read in order, the last would silently win)."""
+    """Yield (checkpoint name, tensor) one at a time from every weight file of a checkpoint directory; a dense
+    Llama's come in herd's names and q/k row order (herd.formats.llama), so every reader sees one layout."""
+    f = Path(root) / "config.json"
+    try:  # is_file: never open a FIFO; a broken config.json is reported by load_config, not here
+        d = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        d = {}
+    if isinstance(d, dict) and llama.is_llama(d):
+        yield from llama.herd_tensors(_stored_tensors(root), llama.config_from_llama(d))
+    else:
+        yield from _stored_tensors(root)
+
+
+def _stored_tensors(root: str | os.PathLike):
+    """(name, tensor) as stored, file by file. A name in two files is refused (with files read in order, the last
+    would silently win)."""
     from safetensors import SafetensorError, safe_open
 
     kind, files = _weight_files(Path(root))
@@ -344,6 +368,9 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     """Load a Hugging Face Llama 4 checkpoint directory: `Llama4ForConditionalGeneration` files give the multimodal
     model (or, with text_only=True, just its language model), `Llama4ForCausalLM` files the text model.
     check_finite=False skips the NaN/inf test of each weight (to inspect a damaged checkpoint)."""
+    if str(path).lower().endswith(".gguf"):  # llama.cpp's single-file format (herd.formats.gguf)
+        from herd.formats import gguf
+        return gguf.from_pretrained(path, dtype=dtype, device=device, check_finite=check_finite)
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -380,6 +407,9 @@ def save_pretrained(model: Model, path: str | os.PathLike, max_shard_bytes: int 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     sd = {n: p.detach() for n, p in model.named_parameters()}  # tied lm_head appears once (as embed_tokens)
+    as_llama = not llama.differences(model.config)  # a dense Llama is written back as one (herd.formats.llama)
+    if as_llama:
+        sd = llama.llama_tensors(sd, model.config)
     if dtype is not None:
         sd = {n: t.to(dtype) for n, t in sd.items()}
     routers = biased(model)
@@ -412,7 +442,8 @@ def save_pretrained(model: Model, path: str | os.PathLike, max_shard_bytes: int 
     elif index.exists():
         index.unlink()
     wdtype = dtype or next(iter(sd.values())).dtype
-    (root / "config.json").write_text(json.dumps(config_to_hf(model.config, wdtype), indent=2))
+    config = llama.config_to_llama(model.config, wdtype) if as_llama else config_to_hf(model.config, wdtype)
+    (root / "config.json").write_text(json.dumps(config, indent=2))
     if model.vision_config is not None:
         pre = preprocessor_config(model.vision_config)
         (root / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))

@@ -74,6 +74,10 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
     logit_bias: Mapping[int, float] | None = None  # token id -> bias in [-100, 100]
+    # special tokens whose text stays in the output while the others are skipped (vLLM's skip_special_tokens);
+    # herd serve keeps Llama 4's <|python_start|> / <|python_end|> for a request with tools, so herd.tools can read
+    # a code-interpreter call
+    keep_special: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -111,6 +115,8 @@ class SamplingParams:
                                                 for k, v in bias.items()), "logit_bias",
               "a mapping of token ids >= 0 to numbers in [-100, 100]")
         object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))  # frozen, like stop
+        object.__setattr__(self, "keep_special", tuple(self.keep_special or ()))
+        check(all(isinstance(t, str) and t for t in self.keep_special), "keep_special", "a list of token strings")
 
     @property
     def greedy(self) -> bool:

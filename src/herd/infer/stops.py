@@ -41,7 +41,7 @@ class StopChecker:
         for each new token id: delta = checker.add(token_id); send delta if non-empty; break if checker.finished
 
     `eos_ids` defaults to `tokenizer.stop_ids`. `skip_special` drops the text of special tokens that are not stop
-    tokens (vLLM's `skip_special_tokens`, on by default there too).
+    tokens (vLLM's `skip_special_tokens`, on by default there too), except `params.keep_special`.
     """
 
     def __init__(self, params: SamplingParams, tokenizer: Tokenizer, eos_ids: Iterable[int] | None = None,
@@ -50,7 +50,7 @@ class StopChecker:
         eos = set() if params.ignore_eos else set(tokenizer.stop_ids if eos_ids is None else eos_ids)
         self.stop_ids = eos | set(params.stop_token_ids)
         self._stops = tuple(params.stop)
-        self._decoder = tokenizer.stream(skip_special)
+        self._decoder = tokenizer.stream(skip_special, keep=params.keep_special)
         self._held = ""  # decoded text not yet emitted: its end may begin a stop string
         self._emitted: list[str] = []
         self.n_tokens = 0  # generated tokens fed so far, the stop token included (what usage counts)

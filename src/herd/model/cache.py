@@ -34,7 +34,7 @@ SLACK = 64  # free slots behind a chunked layer's window: one compaction copy pe
 class KVCache:
     def __init__(self, cfg):
         self.chunk = cfg.attention_chunk_size
-        self.chunked = [cfg.uses_rope(i) for i in range(cfg.num_hidden_layers)]
+        self.chunked = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
         n = cfg.num_hidden_layers
         self.k: list[torch.Tensor | None] = [None] * n  # (B, G, capacity, D) buffers
         self.v: list[torch.Tensor | None] = [None] * n

@@ -37,7 +37,7 @@ from herd.model.layout import Step
 class SlotCache:
     def __init__(self, cfg, rows: int, capacity: int, device, dtype: torch.dtype):
         self.chunk, self.rows, self.capacity = cfg.attention_chunk_size, rows, capacity
-        self.chunked = [cfg.uses_rope(i) for i in range(cfg.num_hidden_layers)]
+        self.chunked = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
         G, D = cfg.num_key_value_heads, cfg.head_dim
         shape = [(rows, G, self.chunk if c else capacity, D) for c in self.chunked]
         self.k = [torch.zeros(s, device=device, dtype=dtype) for s in shape]

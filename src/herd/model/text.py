@@ -48,7 +48,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, i: int):
         super().__init__()
         self.is_moe = cfg.is_moe_layer(i)
-        self.chunked = cfg.uses_rope(i)  # RoPE layers attend locally in chunks; NoPE layers globally
+        self.chunked = cfg.is_chunked(i)  # RoPE layers attend locally in chunks; NoPE layers globally
         self.self_attn = Attention(cfg, i)
         self.feed_forward = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -9,7 +9,7 @@ Sources (`TrainConfig.dpo_rollouts`):
        "tools": [...] or null, "answers": [{"text", "reward", "correct", "format_ok", "tokens"}], "policy_version"}
   `messages` is null for image tasks: those groups are skipped and counted (DPO trains text only for now). A
   malformed line fails with its line number and what to change.
-- `tasks:NAME[,NAME...][@difficulty]` (herd.post.sft_data's syntax): `sft_examples` train-split examples per task,
+- `tasks:NAME[,NAME...][@D|@LO-HI]` (herd.post.sft_data's syntax): `sft_examples` train-split examples per task,
   `group_size` answers each sampled from the `init` model itself (temperature, max_new_tokens, seed) by
   herd.post.evaluate.sample_examples - herd's one engine - and scored by the task's verifier: the policy's own
   rollouts, as in iterative reasoning preference optimisation (Pang et al., arXiv:2404.19733). They are written

@@ -14,10 +14,10 @@ Easy-data pruning: Llama 4's post-training removed more than 50% of the SFT data
 ("The Llama 4 herd", https://ai.meta.com/blog/llama-4-multimodal-intelligence/ ; 95% for Behemoth). Here the
 judge (any herd checkpoint; default the model being tuned) scores every training conversation by its mean loss
 per answer token (the assistant tokens; lower = easier), and the easiest `prune_easy` share is dropped before
-training (ties broken by example index). Every example's score and whether it was kept go to
-out/sft_judge_scores.jsonl so a run can be audited. Scoring is deterministic, so a resumed run scores again and
-keeps the same examples. Conversations with images need a judge with a vision tower that tiles images as the tuned
-model does (the same token layout).
+training (ties broken by example index), within each task for tasks: data (`prune_groups`). Every example's
+score and whether it was kept go to out/sft_judge_scores.jsonl so a run can be audited. Scoring is deterministic,
+so a resumed run scores again and keeps the same examples. Conversations with images need a judge with a vision
+tower that tiles images as the tuned model does (the same token layout).
 
 Multimodal SFT: with a multimodal `init` (vision tower + decoder) the conversations may hold images
 (herd.post.sft_data); the trainer runs the multimodal model on batches with `pixel_values`, and the export is the
@@ -72,12 +72,24 @@ def judge_scores(judge: str, examples: list[Example], device: str = "cpu", batch
     return out
 
 
-def prune_easy(scores: list[float], frac: float) -> list[int]:
-    """Indices kept (in order) after dropping the `frac` share with the lowest scores (ties: lower index first)."""
-    n_drop = min(int(frac * len(scores)), len(scores) - 1)  # always keep one
-    easiest = sorted(range(len(scores)), key=lambda i: (scores[i], i))[:n_drop]
-    dropped = set(easiest)
+def prune_easy(scores: list[float], frac: float, groups: list[str] | None = None) -> list[int]:
+    """Indices kept (in order) after dropping the `frac` share with the lowest scores (ties: lower index first)
+    within each group (`groups[i]`: example i's; None: one group). Each group keeps at least one example."""
+    members: dict[str, list[int]] = {}
+    for i in range(len(scores)):
+        members.setdefault(groups[i] if groups else "", []).append(i)
+    dropped = set()
+    for idx in members.values():
+        n_drop = min(int(frac * len(idx)), len(idx) - 1)
+        dropped.update(sorted(idx, key=lambda i: (scores[i], i))[:n_drop])
     return [i for i in range(len(scores)) if i not in dropped]
+
+
+def prune_groups(convs) -> list[str]:
+    """The strata pruning works within: a task's name for task examples, one group for a file's chats. A judge's
+    loss also measures how predictable a task's answer *form* is (a count repeats the question's words, a sum does
+    not), so one global threshold would drop whole tasks rather than the easy part of each."""
+    return [c.where.split()[1] if c.where.startswith("task ") else "file" for c in convs]
 
 
 def _prune(cfg, convs, examples, main: bool, vision=None) -> list[int]:
@@ -86,7 +98,7 @@ def _prune(cfg, convs, examples, main: bool, vision=None) -> list[int]:
         raise ConfigError("prune_easy needs a judge: set judge=DIR (or init, the model being tuned)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     scores = judge_scores(judge, examples, device, cfg.batch_size, vision=vision)
-    kept = prune_easy(scores, cfg.prune_easy)
+    kept = prune_easy(scores, cfg.prune_easy, prune_groups(convs))
     if main:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ Sources (`TrainConfig.sft_data`):
   system / developer / user / assistant / tool, assistant `tool_calls` as the OpenAI API writes them. Every
   conversation is checked when read; a malformed line fails with its line number and what to change. Every 20th
   conversation is held out for validation (all of them serve when there are fewer than 20).
-- `tasks:NAME[,NAME...][@difficulty]`: `sft_examples` examples per task from herd.tasks' train split (held-out split
+- `tasks:NAME[,NAME...][@D|@LO-HI]`: `sft_examples` examples per task from herd.tasks' train split (held-out split
   for validation), each the task's prompt plus its reference answer (herd.tasks.base.assistant_message). Without
   `@difficulty` the examples spread evenly over the task's difficulties.
 
@@ -148,9 +148,23 @@ def val_split(items: list, split: str) -> list:
     return [x for i, x in enumerate(items) if (i % 20 == 19) == (split == "val")] or items
 
 
+def _levels(level: str, task, spec: str, source: str) -> tuple[int, int]:
+    """The difficulty range of `@D` (D..D), `@LO-HI` or nothing (1..the task's maximum)."""
+    if not level:
+        return 1, task.max_difficulty
+    lo, _, hi = level.partition("-")
+    try:
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise DataError(f"{source} tasks:{spec}: difficulty must be D or LO-HI, got {level!r}") from None
+    if not 1 <= lo <= hi <= task.max_difficulty:
+        raise DataError(f"{source} tasks:{spec}: difficulty {level} is outside {task.name}'s 1..{task.max_difficulty}")
+    return lo, hi
+
+
 def task_examples(spec: str, n: int, split: str, source: str = "sft_data", images: bool = False) -> list:
-    """`NAME[,NAME...][@difficulty]`: n herd.tasks examples per task (text tasks only unless `images`; `source` names
-    the setting in errors). Without `@difficulty` they spread evenly over the task's difficulties."""
+    """`NAME[,NAME...][@D|@LO-HI]`: n herd.tasks examples per task (text tasks only unless `images`; `source` names
+    the setting in errors), spread evenly over difficulties LO..HI (default: all the task's difficulties)."""
     from herd import tasks
 
     names, _, level = spec.partition("@")
@@ -162,11 +176,9 @@ def task_examples(spec: str, n: int, split: str, source: str = "sft_data", image
             raise DataError(f"{source} tasks:{spec}: {e.args[0]}") from e
         if task.multimodal and not images:
             raise DataError(f"task {task.name!r} needs images; herd sft and herd dpo train text models only for now")
-        if level:
-            blocks = [(int(level), n)]
-        else:  # n spread over the difficulties 1..max
-            d = task.max_difficulty
-            blocks = [(k + 1, n // d + (k < n % d)) for k in range(d)]
+        lo, hi = _levels(level, task, spec, source)  # n spread evenly over the difficulties lo..hi
+        d = hi - lo + 1
+        blocks = [(lo + k, n // d + (k < n % d)) for k in range(d)]
         for difficulty, count in blocks:
             # train seeds from 0; held-out seeds come from their own range (herd.tasks)
             out += tasks.draw(task, split, count, difficulty, start=difficulty * 100_000)
@@ -174,7 +186,7 @@ def task_examples(spec: str, n: int, split: str, source: str = "sft_data", image
 
 
 def task_conversations(spec: str, n: int, split: str) -> list[Conversation]:
-    """`NAME[,NAME...][@difficulty]`: n examples per task with their reference answers."""
+    """`NAME[,NAME...][@D|@LO-HI]`: n examples per task with their reference answers."""
     from herd.tasks.base import assistant_message
 
     return [Conversation([*ex.messages, assistant_message(ex.answer, ex.tools)], ex.tools,

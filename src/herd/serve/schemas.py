@@ -10,9 +10,9 @@ sampled ids themselves, not text it would have to re-tokenize). Design:
   most 2^31 - 1), so no value can overflow later inside the engine, where it would fail other requests' rows.
 - Unknown fields are ignored, as herd always did and as vLLM does (OpenAI itself refuses them): clients send
   vendor extras such as `user` or `parallel_tool_calls` that change nothing here.
-- Only shape and bounds live here. What herd does not do (constrained decoding, `suffix`, `best_of`) and what needs
-  the server's state (the model's context, vocabulary, media folder, the tools a tool_choice names) is refused by
-  herd.serve.service, with messages that say so.
+- Only shape, bounds and combinations of fields (max_tokens 0 needs `echo`) live here. What herd does not do
+  (constrained decoding, `suffix`, `best_of`) and what needs the server's state (the model's context, vocabulary,
+  media folder, the tools a tool_choice names) is refused by herd.serve.service, with messages that say so.
 - `parse` reads JSON with pydantic's own parser: nesting deeper than its limit (about 200 levels) is an error,
   not a RecursionError, and NaN / Infinity literals are refused. `message` turns a ValidationError into one sentence
   that names the field as the client wrote it (`messages[0].content[1].text`), with a hint where a union (content,
@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from herd.chat import ROLES
 
@@ -189,11 +189,26 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
+    # max_tokens 0 is the completions API's scoring request: `echo` with `logprobs` and nothing generated (OpenAI's
+    # legacy API takes it; lm-eval's loglikelihood requests send it or 1 and drop the generated token)
+    max_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
     prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token; with `echo`, "
+                                 "the prompt's tokens get them too (the first one null)")
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _zero_needs_echo(self):
+        if self.limit == 0 and not self.echo:
+            field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise ValidationError.from_exception_data("CompletionRequest", [{
+                "type": "value_error", "loc": (field,), "input": 0, "ctx": {"error": ValueError(
+                    f"{field} 0 generates nothing: it needs \"echo\": true (with \"logprobs\" for the prompt's "
+                    "logprobs), or a value >= 1")}}])
+        return self
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -39,7 +39,8 @@ ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+", re.IGNORECASE)
 @dataclass(kw_only=True)
 class ServeConfig:
     # --- the model and where it runs ---
-    model: str  # Hugging Face checkpoint directory, with tokenizer.json
+    model: str  # Hugging Face checkpoint directory with tokenizer.json, or a .gguf file (herd.default_model's file
+    # when `herd serve` is given no --model)
     name: str | None = None  # the model id in the API (None: the directory's name)
     device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1 ...
     dtype: str | None = None  # float32 | bfloat16 (None: the checkpoint's)
@@ -55,6 +56,9 @@ class ServeConfig:
     port: int = 8000
     media_dir: str | None = None  # the one folder whose image files requests may name by path
     weights_dir: str | None = None  # the one folder POST /v1/weights may load new weights from (None: off)
+    # Jinja chat template for chat requests (herd.formats.chat_template): None for herd's own chat format,
+    # "checkpoint" for the checkpoint's own template, or a template file (a fine-tune trained on another format)
+    chat_template: str | None = None
     api_key: str | None = None  # None: no Authorization header needed; else every /v1 route needs it (not "")
     allowed_origins: tuple[str, ...] | None = None  # web origins CORS lets read responses (None: no CORS headers)
     max_request_bytes: int = 64 * MiB  # a larger request body gets 413
@@ -70,7 +74,8 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (bool(self.model), "model must be a checkpoint directory"),
+            (bool(self.model), "model must be a checkpoint directory or a .gguf file (herd.default_model.default_model"
+                               "().path is the default model's)"),
             (bool(self.device), "device must be auto, cpu, cuda, cuda:1 ..."),
             (self.dtype is None or self.dtype in DTYPES,
              f"dtype must be one of {DTYPES} (or unset for the checkpoint's), got {self.dtype!r}"),
@@ -94,6 +99,9 @@ class ServeConfig:
              f"allowed_origins must be origins like https://app.example or http://localhost:3000 (scheme://host"
              f"[:port], no path or trailing slash), or *, got {self.allowed_origins!r}"),
             (self.shutdown_timeout >= 0, f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}"),
+            (self.chat_template in (None, "checkpoint") or os.path.isfile(self.chat_template),
+             f"chat_template {self.chat_template!r} is not a file: pass a Jinja chat template file, or 'checkpoint' "
+             "for the template in the checkpoint's tokenizer files"),
             (self.weights_dir is None or os.path.isdir(self.weights_dir),
              f"weights_dir {self.weights_dir!r} is not a directory: create it (the trainer writes each version of "
              "the weights into a subfolder of it)"),

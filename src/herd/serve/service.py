@@ -1,6 +1,6 @@
 """What a request needs besides HTTP: the Service (the ServeConfig's limits, model name, tokenizer, engine worker,
 metrics) and the way an OpenAI request body becomes engine inputs: sampling parameters, prompt token ids, images,
-tools.
+tools; and the prompt logprobs that the completions API's `echo` with `logprobs` returns (herd.serve.scoring).
 
 Every check here raises APIError with OpenAI's error shape and the matching status before anything reaches the
 engine: unknown model, prompts longer than the context or outside the vocabulary, too many or too large images, local
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import time
 from collections import deque
@@ -29,8 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from herd.formats.chat_template import load_template
 from herd.infer.sampling import SamplingParams
-from herd.serve import weights
+from herd.serve import scoring, weights
 from herd.serve.schemas import ChatCompletionRequest, CompletionRequest, WeightsRequest
 
 if TYPE_CHECKING:
@@ -108,7 +110,9 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, defaults: di
             presence_penalty=given(req.presence_penalty, 0.0), frequency_penalty=given(req.frequency_penalty, 0.0),
             ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids,
             logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()}, seed=req.seed,
-            max_new_tokens=req.limit or context, stop=req.stop, logprobs=logprobs, top_logprobs=top)
+            # max_tokens 0 (echo scoring) generates nothing: Service.start never queues it; 1 is a placeholder
+            max_new_tokens=context if req.limit is None else max(req.limit, 1), stop=req.stop, logprobs=logprobs,
+            top_logprobs=top)
     except ValueError as e:  # a bad generation default of the model's
         raise APIError(400, str(e)) from None
     return params, req.n, req.limit is not None
@@ -157,6 +161,7 @@ class Service:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.max_token_bytes = tokenizer.max_token_bytes  # computed once, here, not on a first request
+        self.chat_template = load_template(config.chat_template, tokenizer.chat_template)  # None: herd's format
         self.prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="herd-prep")
 
     # ---- who may ask, for which model ------------------------------------------------------------------------------
@@ -248,7 +253,7 @@ class Service:
         self._images(messages)
         kw = tiling(self.vision_config)
         try:
-            ids, batch = prepare_chat(messages, self.tokenizer, tools=use_tools, **kw)
+            ids, batch = prepare_chat(messages, self.tokenizer, tools=use_tools, template=self.chat_template, **kw)
         except ImageError as e:
             raise APIError(400, f"could not decode an image: {e}", "messages") from None
         except (ValueError, TypeError, KeyError) as e:
@@ -273,9 +278,25 @@ class Service:
             raise APIError(400, "best_of is not supported; use n", "best_of")
         if not req.echo:
             return None
-        if req.logprobs is not None:
-            raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported", "echo")
         return [p if isinstance(p, str) else self.tokenizer.decode(p) for p in req.prompts]
+
+    async def prompt_logprobs(self, req: CompletionRequest, prompts: list[list[int]]) -> list[dict] | None:
+        """`echo` with `logprobs`: each prompt's part of the logprobs columns (herd.serve.scoring), computed on the
+        engine thread between two steps, one prompt at a time; None unless both are asked. 500 if the model fails
+        on a prompt (the engine and other requests go on)."""
+        if not req.echo or req.logprobs is None:
+            return None
+        engine, out = self.worker.engine, []
+        for p, ids in zip(req.prompts, prompts, strict=True):
+            job = functools.partial(scoring.prompt_logprobs, engine.model, ids, req.logprobs, engine.banned)
+            try:
+                scored = await asyncio.wrap_future(self.worker.call(job))
+            except (ValueError, RuntimeError) as e:
+                raise APIError(500, f"scoring the prompt failed: {type(e).__name__}: {e}", code="engine_error",
+                               kind="server_error") from None
+            out.append(scoring.echo_columns(self.tokenizer, ids, scored, isinstance(p, str),
+                                            req.return_tokens_as_token_ids))
+        return out
 
     async def prompts(self, req: ChatCompletionRequest | CompletionRequest) -> tuple[list[list[int]], object, list]:
         """(prompt ids per prompt, pixel values or None, the tools the prompt shows or None): chat_prompt or
@@ -327,15 +348,18 @@ class Service:
         """Unfinished generations in the engine: waiting or decoding."""
         return self.worker.queue_length + self.worker.running
 
-    def submit(self, ids: list[int], params: SamplingParams, pixels=None):
-        """(engine request, asyncio queue of (text delta, finished)); ValueError for a prompt the engine refuses."""
-        return self.worker.submit(ids, params, pixels)
+    def submit(self, ids: list[int], params: SamplingParams, pixels=None, generate: bool = True):
+        """(engine request, asyncio queue of (text delta, finished)); ValueError for a prompt the engine refuses.
+        generate=False (max_tokens 0): a request that is finished at once, never queued."""
+        return self.worker.submit(ids, params, pixels, generate)
 
     def cancel(self, req) -> None:
         self.worker.cancel(req)
 
-    def start(self, prompts: list[list[int]], params: list[SamplingParams], n: int, pixels=None) -> list:
-        """Submit `n` choices of each prompt (with its own params), in order; returns their (request, queue) pairs.
+    def start(self, prompts: list[list[int]], params: list[SamplingParams], n: int, pixels=None,
+              generate: bool = True) -> list:
+        """Submit `n` choices of each prompt (with its own params), in order; returns their (request, queue) pairs
+        (generate=False: max_tokens 0, each finished at once with nothing generated).
         429 when they would take the generations in flight past max_concurrent; 400 (and nothing left running) for
         what the engine's own checks refuse (an empty prompt, the context, images on a text model)."""
         in_flight, limit = self.in_flight, self.config.max_concurrent
@@ -347,8 +371,8 @@ class Service:
         try:
             for ids, p in zip(prompts, params, strict=True):
                 # choice i of a seeded request draws with seed + i (vLLM's rule): n different, reproducible answers
-                subs += [self.submit(ids, p if p.seed is None else dataclasses.replace(p, seed=p.seed + i), pixels)
-                         for i in range(n)]
+                subs += [self.submit(ids, p if p.seed is None else dataclasses.replace(p, seed=p.seed + i), pixels,
+                                     generate) for i in range(n)]
         except ValueError as e:
             self.cancel_all(subs)
             raise APIError(400, str(e)) from None

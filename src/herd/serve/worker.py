@@ -47,15 +47,19 @@ class EngineWorker:
         self.thread = threading.Thread(target=self._run, name="herd-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, prompt_ids, params, pixel_values=None) -> tuple[Request, asyncio.Queue]:
+    def submit(self, prompt_ids, params, pixel_values=None, generate: bool = True) -> tuple[Request, asyncio.Queue]:
         """Queue a request (ValueError for a bad one, at once); its queue receives (text delta, finished) after every
-        token."""
+        token. generate=False (the completions API's max_tokens 0: only the prompt is scored, herd.serve.scoring):
+        the request is checked and built, finished at once with "length", and never queued."""
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
 
         def on_delta(req: Request, delta: str) -> None:
             loop.call_soon_threadsafe(out.put_nowait, (delta, req.finished))
 
         req = self.engine.request(prompt_ids, params, pixel_values, on_delta)
+        if not generate:
+            req.finish_reason = "length"
+            return req, out
         if self.closing:
             req.finish_reason = "cancelled"  # shutting down: nothing new starts
             return req, out

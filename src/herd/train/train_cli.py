@@ -8,6 +8,7 @@
   herd dpo --init runs/z/hf --from-rollouts runs/z/rollouts.jsonl|tasks:NAME --out runs/d [prefer=shorter]
   herd rl --init runs/y/hf --tasks arithmetic@3,sorting --out runs/z [group_size=8] [rl_async=true]  (herd.post.rl)
   herd recipe [--preset demo] --out runs/recipe [--stages base,sft,rl,dpo]   the whole recipe + report card
+  herd upcycle --init DIR --experts 8 --out DIR [--every 1|2]   a dense model -> a Llama 4 MoE (herd.train.upcycle)
 
 Settings are applied in order: the preset (or, when resuming, the run's own train_config.json), the --config file
 (JSON or TOML), then key=value items (written together, after the options); every TrainConfig field is also
@@ -101,6 +102,39 @@ def add_train_parser(subparsers) -> None:
     sp.add_argument("--init", help="the model the first stage starts from when base is not run")
     sp.add_argument("--seed", type=int)
     sp.set_defaults(fn=run_recipe)
+
+    sp = subparsers.add_parser("upcycle", help="turn a dense checkpoint into a Llama 4 MoE (sparse upcycling)",
+                               description="Copy each dense FFN into the shared expert and every routed expert of a "
+                                           "Llama 4 MoE layer, scaled so the result computes the dense model "
+                                           "(herd.train.upcycle); continue it with herd train --init OUT.")
+    sp.add_argument("--init", required=True, help="the dense model: a Hugging Face dir (herd or Llama) or a run")
+    sp.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer (top-1, plus shared)")
+    sp.add_argument("--out", required=True, help="where the MoE checkpoint (Hugging Face format) is written")
+    sp.add_argument("--every", type=int, default=1, choices=(1, 2),
+                    help="1: every layer becomes MoE (Scout); 2: every second one (Maverick)")
+    sp.add_argument("--router-std", dest="router_std", type=float, default=0.0,
+                    help="router init noise; 0 (default) reproduces the dense model exactly at the first step")
+    sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype on disk")
+    sp.set_defaults(fn=run_upcycle)
+
+
+def run_upcycle(args) -> int:
+    import torch
+
+    from herd.config import ConfigError
+    from herd.formats.hf_integrity import CheckpointError
+    from herd.train.upcycle import upcycle_checkpoint
+
+    try:
+        r = upcycle_checkpoint(args.init, args.out, args.experts, args.every, args.router_std,
+                               getattr(torch, args.dtype))
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"upcycled {args.init} -> {r.out}: {len(r.moe_layers)} of {r.config.num_hidden_layers} layers MoE with "
+          f"{r.config.num_local_experts} experts + shared; max |logit difference| from the dense model on a probe "
+          f"batch: {r.max_logit_diff:.2e}\ncontinue it: herd train --init {r.out} --out runs/upcycled")
+    return 0
 
 
 def run_recipe(args) -> int:

@@ -89,7 +89,7 @@ class TrainConfig:
     alpha_schedule: str = "constant"  # constant | linear | cosine
     tau: float = 1.0
     # --- SFT (herd.post.sft: `herd sft`; these are read only there) ---
-    sft_data: str | None = None  # a conversations .jsonl (OpenAI `messages`) or tasks:NAME[,NAME...][@difficulty]
+    sft_data: str | None = None  # a conversations .jsonl (OpenAI `messages`) or tasks:NAME[,NAME...][@D|@LO-HI]
     sft_examples: int = 1000  # tasks: examples drawn per task from its train split
     prune_easy: float = 0.0  # share of the examples the judge finds easiest (lowest answer loss) dropped before SFT
     judge: str | None = None  # the judge model for prune_easy (None: `init`, the model being tuned)
@@ -98,7 +98,7 @@ class TrainConfig:
     beta: float = 0.1  # DPO's beta (TRL's default): how far the policy may move from the reference
     label_smoothing: float = 0.0  # conservative DPO: the assumed share of flipped preference labels, in [0, 0.5)
     # pairs built from rollouts (herd.post.dpo_pairs) instead of a file: an RL run's rollouts.jsonl, or
-    # tasks:NAME[,NAME...][@difficulty] to sample the `init` policy's own (group_size answers per prompt)
+    # tasks:NAME[,NAME...][@D|@LO-HI] to sample the `init` policy's own (group_size answers per prompt)
     dpo_rollouts: str | None = None
     prefer: str = "correct"  # how a pair is chosen from a group: correct (right over wrong) | shorter (of two right)
     # --- RL (herd.post.rl: `herd rl`; read only there and by dpo_rollouts) ---
