@@ -172,3 +172,18 @@ def test_stage_configs_and_choices(tmp_path):
         RecipeConfig(overrides={"pretrain": {}})
     with pytest.raises(ConfigError, match="unknown recipe preset"):
         recipe_preset("huge")
+
+
+def test_a_reference_model_gets_its_own_column(done, tmp_path):
+    """reference=DIR is evaluated as the stages are (same prompts, seeds and sizes), so the base model given as the
+    reference scores exactly as the base stage; the card shows it as its own column, and a rerun keeps it."""
+    out = copy_of(done, tmp_path)
+    result = recipe(cfg_for(out, stages=("base", "sft"), reference=str(out / "base" / "hf")))
+    stages = result["stages"]
+    assert list(stages) == ["base", "sft", "reference"]
+    for key in ("pass@1", "pass@k", "format_error_rate", "mean_length", "bits_per_byte", "per_task"):
+        assert stages["reference"][key] == stages["base"][key], key
+    assert "| metric | base | sft | reference |" in (out / "report.md").read_text()
+    first = (out / "reference" / "eval" / "results.json").read_text()
+    assert recipe(cfg_for(out, stages=("base", "sft"), reference="unused: already evaluated"))["stages"] == stages
+    assert (out / "reference" / "eval" / "results.json").read_text() == first

@@ -67,7 +67,9 @@ class Packer:
             pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
         self.pad_id = pad_id
         if tokenizer is not None:
-            self.bos, self.eos = tokenizer.bos_id, tokenizer.special("end_of_text")
+            # documents end with Llama's <|end_of_text|>; a tokenizer without it (SmolLM2's) ends them with its eos
+            self.bos = tokenizer.bos_id
+            self.eos = tokenizer.specials.get("<|end_of_text|>", tokenizer.eos_id)
         self.epoch = self.cursor = self.offset = self.step = 0
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the current epoch
         self._doc: tuple[int, list[int]] | None = None  # (index, tokens) of the document being packed

@@ -88,7 +88,8 @@ def sample_examples(model, tokenizer, tasks: Mapping[str, Task], examples: Seque
     """k completions of every example through one Engine, each scored by its task's verifier (`tasks[ex.task]`).
     Images in the messages go to the model's vision tower, `example.tools` into the prompt. logprobs=True also
     returns every completion's token ids and their log-probs (what RL trains on, herd.post.rollouts)."""
-    from herd.chat import prepare_chat, tiling
+    from herd.chat import default_template_spec, prepare_chat, tiling
+    from herd.formats.chat_template import load_template
     from herd.infer.engine import Engine
     from herd.infer.sampling import SamplingParams
 
@@ -96,6 +97,8 @@ def sample_examples(model, tokenizer, tasks: Mapping[str, Task], examples: Seque
         raise ValueError(f"k must be >= 1, got {k}")
     engine = Engine(model, tokenizer, max_batch=max_batch)
     layout = tiling(model.vision_config)
+    # prompts as herd chat / herd serve render them: a checkpoint without Llama 4's chat tokens in its own template
+    template = load_template(default_template_spec(tokenizer), tokenizer.chat_template)
     total, done, tokens = len(examples) * k, 0, 0
 
     def on_delta(req, _text: str) -> None:
@@ -109,7 +112,7 @@ def sample_examples(model, tokenizer, tasks: Mapping[str, Task], examples: Seque
     groups = []
     for ex in examples:
         try:
-            ids, images = prepare_chat(ex.messages, tokenizer, tools=ex.tools, **layout)
+            ids, images = prepare_chat(ex.messages, tokenizer, tools=ex.tools, template=template, **layout)
             pixels = images.pixel_values if images is not None else None
             seeds = [sample_seed(seed, ex, j) for j in range(k)]
             params = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=s,

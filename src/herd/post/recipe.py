@@ -36,6 +36,7 @@ from herd.config import ConfigError
 from herd.post.report import STAGE_FILE, Stage, load_stage, make_report, save_stage, stage_metrics, system_info
 
 STAGES = ("base", "sft", "rl", "dpo")
+REFERENCE = "reference"  # the folder and report column of RecipeConfig.reference
 PRESET = {"base": "tiny", "sft": "sft", "rl": "rl", "dpo": "dpo"}  # each stage's training preset (TRAIN_PRESETS)
 
 
@@ -59,6 +60,9 @@ class RecipeConfig:
     eval_max_new_tokens: int = 48  # the tasks' reference answers at difficulty 1 are under 40 tiny-tokenizer tokens
     bpb_batches: int = 4  # held-out text batches for bits per byte (0: not measured)
     device: str = "auto"
+    # a model evaluated as the stages are, its column in the report card beside theirs: a checkpoint folder or
+    # .gguf, or "default" for herd's default model (herd.default_model, SmolLM2-135M-Instruct); None: none
+    reference: str | None = None
     overrides: dict[str, dict] = field(default_factory=dict)  # stage -> TrainConfig fields for that stage's run
 
     def __post_init__(self) -> None:
@@ -96,9 +100,10 @@ RECIPE_PRESETS: dict[str, dict] = {
     # its answer loss is still falling fast when the run ends (a two-point LR comparison on these tasks)
     # Sorting is left out: the tiny model stays at 0 on it after SFT, so it gives RL no signal (every group's
     # rewards are equal) and the evaluation nothing to compare. 32 held-out prompts per task: differences between
-    # stages of a few hundredths are still noise at 16.
+    # stages of a few hundredths are still noise at 16. The reference column: SmolLM2-135M-Instruct, a real model
+    # 180 times the tiny one's size, asked the same questions in its own chat template.
     "demo": dict(out_dir="runs/recipe", tasks=("arithmetic", "counting"), pretrain_steps=1200, sft_steps=600,
-                 sft_examples=2000, rl_steps=30, dpo_steps=30, eval_n_per_task=32,
+                 sft_examples=2000, rl_steps=30, dpo_steps=30, eval_n_per_task=32, reference="default",
                  overrides={"sft": {"lr": 2e-3, "min_lr": 2e-4}}),
     # tests and CI: seconds per stage, nothing learned
     "smoke": dict(out_dir="runs/recipe-smoke", pretrain_steps=4, sft_steps=4, sft_examples=8, rl_steps=2,
@@ -249,6 +254,8 @@ def recipe(cfg: RecipeConfig) -> dict:
                   flush=True)
             make_report(cfg.out_dir, _done(cfg, stages), system_info(), file=sys.stdout)
         raise
+    if cfg.reference:
+        stages.append(reference_stage(cfg))
     done = _done(cfg, stages)
     md, js = make_report(cfg.out_dir, done, system_info(), file=sys.stdout)
     return {"stages": {s.name: stage_metrics(s) for s in done}, "report": str(md), "report_json": str(js),
@@ -259,5 +266,30 @@ def _done(cfg: RecipeConfig, ran: list[Stage]) -> list[Stage]:
     """The stages the card shows: those run now and those a previous call completed in out_dir (stages=("rl",
     "dpo") after a base and sft run), in the recipe's order."""
     by_name = {s.name: s for s in ran}
-    return [by_name.get(n) or load_stage(n, Path(cfg.out_dir) / n) for n in STAGES
+    names = (*STAGES, REFERENCE) if cfg.reference else STAGES
+    return [by_name.get(n) or load_stage(n, Path(cfg.out_dir) / n) for n in names
             if n in by_name or (Path(cfg.out_dir) / n / "eval" / "results.json").is_file()]
+
+
+def reference_stage(cfg: RecipeConfig) -> Stage:
+    """cfg.reference evaluated with the stages' prompts, seeds and sizes (out/reference/eval; done once): what a
+    real model of another size scores on the same card. A model without Llama 4's chat tokens is asked in its own
+    chat template, as herd chat would ask it (herd.post.evaluate)."""
+    from herd.post.evaluate import write_results
+
+    run_dir = Path(cfg.out_dir) / REFERENCE
+    if (run_dir / "eval" / "results.json").is_file():
+        return load_stage(REFERENCE, run_dir)
+    path = cfg.reference
+    if path == "default":
+        from herd.default_model import default_model
+
+        path = str(default_model().path)
+    print(f"=== recipe reference: evaluating {path}", flush=True)
+    t0 = time.perf_counter()
+    stage = Stage(REFERENCE, str(run_dir))
+    stage.eval = evaluate_stage(cfg, path)
+    write_results(stage.eval, run_dir / "eval")
+    stage.wall_clock_s = time.perf_counter() - t0
+    save_stage(stage)
+    return stage
