@@ -18,6 +18,11 @@ file (`dpo_pairs`), or rollouts (`dpo_rollouts`: an RL run's rollouts.jsonl, or 
 model's own answers) that herd.post.dpo_pairs turns into pairs by `prefer` and writes to out_dir/dpo_pairs.jsonl. A
 resumed run reads that file back rather than building the pairs again, so it trains on exactly the same ones. The
 reference model is `init` itself (the model before DPO), as in the paper.
+
+Multimodal DPO: with a multimodal `init` (vision tower + decoder) the pairs' prompts may hold images (a pairs file
+in SFT's JSONL image syntax, or dpo_rollouts=tasks:scenes); the trainer runs the multimodal model on batches with
+`pixel_values` (herd.post.dpo_data) and the export is the multimodal checkpoint. As for SFT, the vision config is
+read from `init`'s config before the trainer loads the weights, since the image tokens depend on its tiling.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from pathlib import Path
 import torch
 
 from herd.config import ConfigError
-from herd.post.dpo_data import PairPacker, encode_pair, read_pairs, reference_logprobs
+from herd.post.dpo_data import PairPacker, encode_pair, pair_images, read_pairs, reference_logprobs
 from herd.post.dpo_loss import dpo_loss, sequence_logprobs
 from herd.post.dpo_pairs import PAIRS_FILE, rollout_pairs
+from herd.post.sft import vision_config
 from herd.post.sft_data import pad_id, val_split
 
 
@@ -57,14 +63,15 @@ def pair_source(resume: bool):
     return pairs
 
 
-def pair_rows(cfg, tok, split: str, rank: int = 0, world: int = 1, pairs=None) -> PairPacker:
+def pair_rows(cfg, tok, split: str, rank: int = 0, world: int = 1, pairs=None, vision=None) -> PairPacker:
     """The trainer's `rows` for DPO: the pairs of `split` with the reference log-probs of `cfg.init`. `pairs`: a
-    pair_source (default: read cfg.dpo_pairs)."""
-    found = read_pairs(cfg.dpo_pairs) if pairs is None else pairs(cfg, tok, rank)
-    encoded = [encode_pair(p, tok, cfg.seq_len) for p in val_split(found, split)]
-    refs = reference_logprobs(cfg.init, encoded, cfg.seq_len, pad_id(tok), _device(cfg), cfg.batch_size)
+    pair_source (default: read cfg.dpo_pairs); `vision`: init's VisionConfig (None: text-only, refusing images)."""
+    found = val_split(read_pairs(cfg.dpo_pairs) if pairs is None else pairs(cfg, tok, rank), split)
+    encoded = [encode_pair(p, tok, cfg.seq_len, vision) for p in found]
+    images = [pair_images(p) for p in found]
+    refs = reference_logprobs(cfg.init, encoded, cfg.seq_len, pad_id(tok), _device(cfg), cfg.batch_size, images)
     return PairPacker(encoded, refs, cfg.seq_len, cfg.batch_size, pad_id(tok), seed=cfg.seed, rank=rank,
-                      world_size=world, shuffle=split == "train")
+                      world_size=world, shuffle=split == "train", images=images, vision=vision)
 
 
 def dpo_objective(beta: float, label_smoothing: float = 0.0):
@@ -92,8 +99,10 @@ def dpo(cfg, resume: bool = False) -> dict:
     if cfg.init is None:
         raise ConfigError("DPO tunes a model against itself as reference: give init=DIR (herd dpo --init DIR)")
     if cfg.image_rows or cfg.teacher:
-        raise ConfigError("herd dpo trains text models without a teacher: set image_rows=0 and teacher=None")
+        raise ConfigError("herd dpo takes its images from the pairs, not from image rows, and has no teacher: set "
+                          "image_rows=0 and teacher=None")
     if cfg.tokenizer == "tiny" and (Path(cfg.init) / "tokenizer.json").is_file():
         cfg = cfg.replace(tokenizer=cfg.init)  # the checkpoint's own tokenizer
-    return train(cfg, resume=resume, rows=partial(pair_rows, pairs=pair_source(resume)),
+    vision = vision_config(cfg.init)  # what the trainer's build_model will load
+    return train(cfg, resume=resume, rows=partial(pair_rows, pairs=pair_source(resume), vision=vision),
                  objective=dpo_objective(cfg.beta, cfg.label_smoothing))

@@ -7,14 +7,17 @@ Sources (`TrainConfig.dpo_rollouts`):
 - an RL run's rollouts.jsonl, one prompt's group a line:
       {"step", "task", "difficulty", "seed", "system", "messages": [the prompt as the model saw it] or null,
        "tools": [...] or null, "answers": [{"text", "reward", "correct", "format_ok", "tokens"}], "policy_version"}
-  `messages` is null for image tasks: those groups are skipped and counted (DPO trains text only for now). A
-  malformed line fails with its line number and what to change.
+  An RL run writes `messages: null` for image tasks (it does not store the images): those groups are skipped and
+  counted - sample image tasks with a tasks: source instead. Messages that do hold image parts (data URLs, or paths
+  relative to the file) make image pairs. A malformed line fails with its line number and what to change.
 - `tasks:NAME[,NAME...][@D|@LO-HI]` (herd.post.sft_data's syntax): `sft_examples` train-split examples per task,
   `group_size` answers each sampled from the `init` model itself (temperature, max_new_tokens, seed) by
   herd.post.evaluate.sample_examples - herd's one engine - and scored by the task's verifier: the policy's own
   rollouts, as in iterative reasoning preference optimisation (Pang et al., arXiv:2404.19733). They are written
   to out_dir/rollouts.jsonl in the shape above, so a run can be audited and re-run from that file. A completion
-  the engine ended with an error is left out of its group: it is not an answer the policy gave.
+  the engine ended with an error is left out of its group: it is not an answer the policy gave. Image tasks
+  (scenes) need a multimodal `init`; their images are written as PNG data URLs (lossless, so the pairs tokenise
+  and tile exactly as sampled), making image pairs that train as a pairs file's do.
 
 Pairs (`TrainConfig.prefer`), one per group at most, chosen deterministically (the first qualifying answer in the
 group's order, so the same rollouts always give the same pairs):
@@ -87,6 +90,20 @@ def _group(rec, where: str) -> Group:
     return Group(msgs, tools, answers, where)
 
 
+def _json_messages(messages: list[dict]) -> list[dict]:
+    """`messages` with every PIL image part (herd.tasks' image tasks) as a PNG data URL, so they can be written."""
+    from PIL import Image
+
+    from herd.data.synthetic import image_data_url
+
+    def part(p):
+        url = p.get("image_url", {}).get("url") if isinstance(p, dict) and p.get("type") == "image_url" else None
+        return {**p, "image_url": {"url": image_data_url(url)}} if isinstance(url, Image.Image) else p
+
+    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+            for m in messages]
+
+
 def read_rollouts(path: str | Path) -> list[Group]:
     return [_group(rec, where) for rec, where in jsonl_records(path, "rollout groups",
                                                               "rollout groups (an RL run's rollouts.jsonl)")]
@@ -99,14 +116,19 @@ def sample_rollouts(cfg, tok, device: str) -> list[dict]:
     from herd.post.evaluate import sample_examples
     from herd.train.snapshots import load_model
 
-    examples = task_examples(cfg.dpo_rollouts.removeprefix("tasks:"), cfg.sft_examples, "train", "dpo_rollouts")
-    model, _ = load_model(cfg.init)
+    spec = cfg.dpo_rollouts.removeprefix("tasks:")
+    examples = task_examples(spec, cfg.sft_examples, "train", "dpo_rollouts", images=True)
+    model, mcfg = load_model(cfg.init)
+    needs = sorted({ex.task for ex in examples if tasks.get(ex.task).multimodal})
+    if needs and mcfg.vision_config is None:
+        raise DataError(f"dpo_rollouts tasks:{spec}: task {needs[0]!r} needs images but init {cfg.init} is a text-only "
+                        "model: init from a multimodal checkpoint (herd init --multimodal), or drop the task")
     model.to(device).eval()
     sampled = sample_examples(model, tok, {ex.task: tasks.get(ex.task) for ex in examples}, examples,
                               cfg.group_size, cfg.temperature, cfg.max_new_tokens, cfg.seed)
     del model
     return [{"step": 0, "task": s.example.task, "difficulty": s.example.difficulty, "seed": s.example.seed,
-             "system": None, "messages": s.example.messages, "tools": s.example.tools,
+             "system": None, "messages": _json_messages(s.example.messages), "tools": s.example.tools,
              "answers": [{"text": text, "reward": score.reward, "correct": score.correct, "format_ok": score.format_ok,
                           "tokens": n} for text, score, n, err in zip(s.completions, s.scores, s.lengths, s.errors,
                                                                       strict=True) if err is None],
@@ -161,8 +183,8 @@ def pair_records(groups: list[Group], prefer: str) -> tuple[list[dict], dict[str
 
 def _no_pairs(counts: dict[str, int], prefer: str, source: str) -> DataError:
     if counts["images"] == counts["groups"]:
-        return DataError(f"{source}: all {counts['groups']} groups are image tasks (no messages); DPO trains text "
-                         "only for now: use rollouts of text tasks")
+        return DataError(f"{source}: all {counts['groups']} groups are image tasks without messages (an RL run does "
+                         "not store their images): sample them with dpo_rollouts=tasks:NAME, or use text tasks")
     if prefer == "correct":
         why = "no group had both a correct and a wrong answer"
     else:
@@ -195,10 +217,11 @@ def rollout_pairs(cfg, tok, device: str = "cpu", main: bool = True) -> list[tupl
     found, counts = pair_records(groups, cfg.prefer)
     if not found:
         raise _no_pairs(counts, cfg.prefer, src)
-    pairs = [check_pair(rec, where) for rec, where in found]
+    root = Path(src).resolve().parent if not src.startswith("tasks:") else out  # image paths: next to the file
+    pairs = [check_pair(rec, where, root) for rec, where in found]
     if main:
         _write_jsonl(out / PAIRS_FILE, [rec for rec, _ in found])
         print(f"DPO pairs (prefer {cfg.prefer}): {counts['pairs']} from {counts['groups']} groups of {src}; skipped "
-              f"{counts['no_pair']} without a usable pair and {counts['images']} of image tasks (DPO trains text only "
-              f"for now) -> {out / PAIRS_FILE}", flush=True)
+              f"{counts['no_pair']} without a usable pair and {counts['images']} of image tasks (no messages "
+              f"stored) -> {out / PAIRS_FILE}", flush=True)
     return pairs

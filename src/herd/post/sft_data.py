@@ -175,7 +175,7 @@ def task_examples(spec: str, n: int, split: str, source: str = "sft_data", image
         except KeyError as e:
             raise DataError(f"{source} tasks:{spec}: {e.args[0]}") from e
         if task.multimodal and not images:
-            raise DataError(f"task {task.name!r} needs images; herd sft and herd dpo train text models only for now")
+            raise DataError(f"{source} tasks:{spec}: task {task.name!r} needs images, which this use takes none of")
         lo, hi = _levels(level, task, spec, source)  # n spread evenly over the difficulties lo..hi
         d = hi - lo + 1
         blocks = [(lo + k, n // d + (k < n % d)) for k in range(d)]
