@@ -52,11 +52,9 @@ def run_dpo(init: str, prefer: str, seed: int, steps: int, prompts: int, lr: flo
 
 
 def plot(start: dict, rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from herd.train.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([start["answer_tokens"]], [start["pass@1"]], color="black", marker="*", s=120, label="start")
     for prefer, color in zip(PREFER, ("tab:green", "tab:purple"), strict=True):

@@ -46,11 +46,9 @@ def curve(metrics: str) -> list[tuple[float, float]]:
 
 
 def plot(rows: list[dict], sft_pass: float, path: Path) -> None:
-    import matplotlib
+    from herd.train.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, color in zip(VARIANTS, ("tab:blue", "tab:orange"), strict=True):
         for i, r in enumerate(x for x in rows if x["variant"] == name):

@@ -82,11 +82,9 @@ def run_rl(sft: str, out: Path, seed: int, steps: int, quick: bool, **variant) -
 
 
 def plot(rows: list[dict], sft_pass: float, path: Path) -> None:
-    import matplotlib
+    from herd.train.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, color in zip(VARIANTS, ("tab:blue", "tab:orange"), strict=True):
         mine = [r for r in rows if r["variant"] == name]

@@ -61,11 +61,9 @@ def _slug(variant: str) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from herd.train.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, variant in enumerate(VARIANTS):
         mine = [r for r in rows if r["variant"] == variant]

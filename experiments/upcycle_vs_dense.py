@@ -58,11 +58,9 @@ def continue_run(name: str, init: str, steps: int, seed: int, eval_every: int, l
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from herd.train.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in rows:
         color = "tab:blue" if r["name"] == "upcycled" else "tab:gray"

@@ -264,11 +264,6 @@ def cmd_serve(args) -> int:
         max_concurrent=args.max_concurrent, max_images=args.max_images,
         max_image_bytes=int(args.max_image_mb * 2**20), shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level, chat_template=args.chat_template)
-    if cfg.chat_template is None:  # a checkpoint without Llama 4's chat tokens chats in its own template
-        from herd.chat import default_template_spec
-        from herd.tokenizer import Tokenizer
-
-        cfg = cfg.replace(chat_template=default_template_spec(Tokenizer.from_pretrained(cfg.model)))
     try:
         service = build_service(cfg)
     except ValueError as e:  # e.g. a quantization the model's shapes refuse (the message names the layers)

@@ -137,6 +137,33 @@ def test_llama4_moe_round_trip(moe, tmp_path, type_, tol):
     assert (_logits(back, ids) - _logits(moe, ids)).abs().max() < tol
 
 
+def test_export_then_serve_the_gguf(moe, tmp_path):
+    """The user's path end to end: a checkpoint folder -> `herd export --gguf` -> `herd serve --model x.gguf` (a real
+    uvicorn process) -> a greedy completion equal, token for token and in its log-probs, to the source model's."""
+    import json
+    import urllib.request
+
+    from herd import generate
+    from tests.serve.server_process import ServerProcess
+
+    src, out = tmp_path / "ckpt", tmp_path / "moe.gguf"
+    save_pretrained(moe, src)
+    tiny_tokenizer().save(src)
+    assert main(["export", "--model", str(src), "--gguf", str(out), "--type", "f32"]) == 0
+    prompt = _ids(12)[0].tolist()
+    want = generate(moe, torch.tensor([prompt]), 10, eos_token_id=[])[0, len(prompt):].tolist()
+    logp = torch.log_softmax(_logits(moe, torch.tensor([prompt + want])).float()[0, len(prompt) - 1:-1], -1)
+    body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True, "logprobs": 0,
+            "return_tokens_as_token_ids": True}
+    with ServerProcess(out, log_path=tmp_path / "serve.log") as srv:
+        req = urllib.request.Request(f"{srv.base}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        got = json.loads(urllib.request.urlopen(req, timeout=60).read())["choices"][0]["logprobs"]
+    assert [int(t.removeprefix("token_id:")) for t in got["tokens"]] == want
+    expected = logp.gather(1, torch.tensor(want)[:, None])[:, 0]
+    assert (torch.tensor(got["token_logprobs"]) - expected).abs().max() < 1e-4
+
+
 def test_import_dequantizes_to_the_requested_dtype(moe, tmp_path):
     out = tmp_path / "moe.gguf"
     export_gguf(moe, tiny_tokenizer(), out, type="q8_0")

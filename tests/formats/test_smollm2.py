@@ -120,24 +120,24 @@ def test_herd_chat_with_no_model_answers_with_the_default(found, model, tok, mon
     assert "Paris" in answer and len(tok.encode(answer)) < 20 and "<|im" not in answer, answer
 
 
-def test_herd_serve_with_no_model_serves_the_default(found, tok, monkeypatch, capsys):
-    import herd.serve
+def test_herd_serve_with_no_model_serves_the_default(found, tmp_path):
+    """The whole path a new user takes: `herd serve` with no --model (a real uvicorn process), the official openai
+    client, the GGUF's own ChatML template chosen by the server (not by the test), greedy: Paris, stopped at
+    <|im_end|>."""
+    from openai import OpenAI
 
-    class Built(Exception):
-        pass
+    from tests.serve.server_process import ServerProcess
 
-    def build(cfg):
-        seen.append(cfg)
-        raise Built
-
-    seen = []
-    monkeypatch.setattr(herd.serve, "build_service", build)
-    monkeypatch.setattr(Tokenizer, "from_pretrained", classmethod(lambda cls, path: tok))
-    with pytest.raises(Built):
-        cli.main(["serve", "--device", "cpu"])
-    (cfg,) = seen
-    assert (cfg.model, cfg.name, cfg.chat_template) == (str(found.path), "SmolLM2-135M-Instruct", "checkpoint")
-    assert "using the default model SmolLM2-135M-Instruct" in capsys.readouterr().out
+    with ServerProcess(None, "--device", "cpu", log_path=tmp_path / "serve.log", timeout=180) as srv:
+        client = OpenAI(base_url=f"{srv.base}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+        out = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION, temperature=0,
+                                             max_tokens=24)
+    choice = out.choices[0]
+    assert "Paris" in choice.message.content and choice.finish_reason == "stop", choice
+    assert "<|im" not in choice.message.content
+    assert out.usage.prompt_tokens == len(QUESTION_IDS)  # rendered in the file's template, as transformers does
+    assert f"using the default model {found.describe()}" in (tmp_path / "serve.log").read_text()
 
 
 def test_logits_equal_transformers_llama_on_the_same_gguf(found, model):

@@ -7,14 +7,11 @@ Run: .venv/bin/python -m pytest tests/post/test_dpo_images.py -v
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from dataclasses import dataclass
 
 import pytest
 import torch
-from PIL import Image
 
 import herd
 from herd import tasks
@@ -30,23 +27,12 @@ from herd.tokenizer import tiny_tokenizer
 from herd.train import TrainConfig
 from herd.train import snapshots as ckpt
 from herd.train.inputs import IGNORE
+from tests.post.test_sft_images import IMAGE_TOKENS, VISION, _data_url, _png  # the SFT tests' image fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VISION = herd.multimodal_preset("tiny").vision_config  # 28-pixel tiles, 4 tokens per tile
-IMAGE_TOKENS = ("image_start", "image_end", "image", "patch", "tile_x_separator", "tile_y_separator")
 COLOURS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
 L = 96  # seq_len
-
-
-def _png(color, size=(28, 28)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _data_url(color, size=(28, 28)) -> str:
-    return "data:image/png;base64," + base64.b64encode(_png(color, size)).decode()
 
 
 def _pair(url: str, right: str, wrong: str) -> dict:

@@ -29,14 +29,16 @@ def init_checkpoint(out: Path, *flags: str) -> Path:
 
 
 class ServerProcess:
-    """`with ServerProcess(ckpt, "--name", "tiny") as srv:` ... srv.base, srv.port, srv.proc, srv.log_path."""
+    """`with ServerProcess(ckpt, "--name", "tiny") as srv:` ... srv.base, srv.port, srv.proc, srv.log_path.
+    ckpt None: no --model (herd's default model), with log_path given."""
 
-    def __init__(self, ckpt: Path, *flags: str, log_path: Path | None = None, timeout: float = 60.0):
+    def __init__(self, ckpt: Path | None, *flags: str, log_path: Path | None = None, timeout: float = 60.0):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(ckpt) / f"server-{self.port}.log"
+        model = ["--model", str(ckpt)] if ckpt is not None else []
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--model", str(ckpt), "--port",
+            self.proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", *model, "--port",
                                           str(self.port), *flags], stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, "OMP_NUM_THREADS": "1"})
         deadline = time.monotonic() + timeout

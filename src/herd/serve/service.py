@@ -161,7 +161,12 @@ class Service:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.max_token_bytes = tokenizer.max_token_bytes  # computed once, here, not on a first request
-        self.chat_template = load_template(config.chat_template, tokenizer.chat_template)  # None: herd's format
+        # None: herd's format. Without --chat-template, a tokenizer lacking Llama 4's chat tokens chats in its own
+        # template (herd.chat.default_template_spec: the rule herd chat and herd eval follow too)
+        from herd.chat import default_template_spec
+
+        spec = config.chat_template or default_template_spec(tokenizer)
+        self.chat_template = load_template(spec, tokenizer.chat_template)
         self.prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="herd-prep")
 
     # ---- who may ask, for which model ------------------------------------------------------------------------------
