@@ -361,3 +361,12 @@ def default_template_spec(tokenizer: Tokenizer) -> str | None:
     lacks Llama 4's chat tokens but has a template (SmolLM2's ChatML in its GGUF, a Llama 3's headers): herd's own
     format would need tokens that model never saw. Else None, herd's own format."""
     return "checkpoint" if "<|header_start|>" not in tokenizer.specials and tokenizer.chat_template else None
+
+
+def default_template(tokenizer: Tokenizer) -> str | None:
+    """The template a checkpoint's chats are rendered in when none is named (`default_template_spec`): its own, or
+    None for herd's format. What herd eval samples with and what herd sft / rl / dpo train on, so a fine-tune
+    learns the format it is asked in."""
+    from herd.formats.chat_template import load_template
+
+    return load_template(default_template_spec(tokenizer), tokenizer.chat_template)

@@ -126,7 +126,7 @@ def test_rl_and_dpo_start_from_the_stage_before(done, tmp_path, monkeypatch):
     fake_rl.rl = stand_in("rl", {"tokens": 20, "rollout_tokens": 99})
     monkeypatch.setitem(sys.modules, "herd.post.rl", fake_rl)
     monkeypatch.setattr("herd.post.dpo.dpo", stand_in("dpo", {"tokens": 7}))
-    result = recipe(cfg_for(out))  # all four stages; base and sft are done
+    result = recipe(cfg_for(out, stages=("base", "sft", "rl", "dpo")))  # the text stages; base and sft are done
     rl, dpo = seen["rl"], seen["dpo"]
     assert (rl.init, rl.out_dir) == (str(out / "sft" / "hf"), str(out / "rl"))
     assert rl.rl_tasks == "arithmetic@1,sorting@1,counting@1" and rl.steps == 2
@@ -187,3 +187,24 @@ def test_a_reference_model_gets_its_own_column(done, tmp_path):
     first = (out / "reference" / "eval" / "results.json").read_text()
     assert recipe(cfg_for(out, stages=("base", "sft"), reference="unused: already evaluated"))["stages"] == stages
     assert (out / "reference" / "eval" / "results.json").read_text() == first
+
+
+def test_the_vision_stages_make_the_model_multimodal_and_the_card_says_whether_it_looks(done, tmp_path):
+    """contrastive -> align -> joint from the base export, for real at smoke size: each starts from the one before,
+    the first gives the text model its tower, the chunk holds a scene chat, and every multimodal stage's column has
+    the scene questions with the right image, another image and the question alone."""
+    out = copy_of(done, tmp_path)
+    result = recipe(cfg_for(out, stages=("contrastive", "align", "joint")))
+    cfgs = {n: json.loads((out / n / "train_config.json").read_text()) for n in ("contrastive", "align", "joint")}
+    assert cfgs["contrastive"]["init"] == str(out / "base" / "hf") and cfgs["contrastive"]["stage"] == "contrastive"
+    assert cfgs["align"]["init"] == str(out / "contrastive" / "hf") and cfgs["align"]["freeze"] == "decoder"
+    assert cfgs["joint"]["init"] == str(out / "align" / "hf") and cfgs["joint"]["image_rows"] == 8
+    hf = json.loads((out / "joint" / "hf" / "config.json").read_text())
+    assert hf["architectures"] == ["Llama4ForConditionalGeneration"]
+    assert hf["text_config"]["attention_chunk_size"] == 128
+    for name in ("contrastive", "align", "joint"):
+        m = result["stages"][name]
+        assert all(0 <= m[k] <= 1 for k in ("scene_right", "scene_other", "scene_chance")), name
+    assert result["stages"]["base"]["scene_right"] is None  # a text model is not asked
+    md = (out / "report.md").read_text()
+    assert "| scene_right |" in md and "| scene_chance |" in md

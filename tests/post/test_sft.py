@@ -217,3 +217,90 @@ def test_task_examples_difficulty_ranges():
     for bad in ("arithmetic@3-2", "arithmetic@0", "arithmetic@1-9", "arithmetic@x"):
         with pytest.raises(DataError, match="difficulty"):
             task_examples(bad, 2, "train")
+
+
+# ---- a checkpoint with its own chat template (SmolLM2's ChatML, herd's default model) ------------------------------
+# SmolLM2-Instruct's template in form: a default system prompt when none is given, then ChatML turns
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe helpful."
+          "<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TWO_TURNS = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "2 + 3 = 5\n#### 5"},
+             {"role": "user", "content": "And 4 and 4?"}, {"role": "assistant", "content": "4 + 4 = 8\n#### 8"}]
+
+
+def _chatml_tokenizer(template: str = CHATML):
+    """A byte-level BPE trained here with ChatML's specials and no Llama 4 chat tokens."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from herd.tokenizer import Tokenizer
+
+    rust = RustTokenizer(models.BPE())
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rust.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rust.train_from_iterator(["Add 2 and 3. And 4 and 4? 2 + 3 = 5 #### 5 system user assistant Be helpful.\n"] * 50,
+                             trainer)
+    return Tokenizer(rust, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token=None, chat_template=template)
+
+
+def test_a_checkpoint_template_labels_each_answer_and_its_end():
+    """A tokenizer without Llama 4's chat tokens trains in its own template (herd.chat.default_template, what herd
+    eval and herd chat ask it in): the targets are each answer's text, <|im_end|> and the template's newline after
+    it; the default system prompt, the user turns and the `<|im_start|>assistant\\n` scaffolding predict nothing."""
+    from herd.chat import default_template
+    from herd.formats.chat_template import render_text
+
+    tok = _chatml_tokenizer()
+    assert default_template(tok) == CHATML
+    ids, labels = encode(Conversation(TWO_TURNS), tok, 10_000)
+    assert ids == tok.encode(render_text(CHATML, TWO_TURNS, add_generation_prompt=False), allow_special=True)
+    spans, cur = [], []  # the labelled stretches, decoded
+    for t, y in enumerate(labels):
+        if y != IGNORE:
+            assert y == ids[t + 1]
+            cur.append(y)
+        elif cur:
+            spans, cur = spans + [tok.decode(cur, skip_special=False)], []
+    assert spans + ([tok.decode(cur, skip_special=False)] if cur else []) == \
+        ["2 + 3 = 5\n#### 5<|im_end|>\n", "4 + 4 = 8\n#### 8<|im_end|>\n"]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    """Templates that drop or change past answers as the chat grows (e.g. reasoning templates that strip earlier
+    thoughts) have no single token stream to label: refused by name, never mislabelled."""
+    forgetful = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] != 'assistant' or loop.last %}"
+                 "{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(DataError, match=r"message 1 \(assistant\).*cannot be told apart"):
+        encode(Conversation(TWO_TURNS, where="chats.jsonl line 1"), _chatml_tokenizer(forgetful), 10_000)
+
+
+def test_herd_sft_on_a_gguf_trains_in_its_own_tokens_and_template(tmp_path):
+    """herd sft --init FILE.gguf: the file's tokenizer and chat template (not herd's tiny one), the weights from the
+    file, and an export that chats in the same template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from herd.tokenizer import Tokenizer
+
+    tok = _chatml_tokenizer()
+    src = tmp_path / "llama"
+    cfg = LlamaConfig(vocab_size=416, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_id,
+                      eos_token_id=tok.eos_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    tok.save(src)
+    gguf_file = tmp_path / "model.gguf"
+    assert herd_cli(["export", "--gguf", str(gguf_file), "--type", "f32", "--model", str(src)]) == 0
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": TWO_TURNS}) + "\n" for _ in range(4)))
+    out = tmp_path / "run"
+    assert herd_cli(["sft", "--init", str(gguf_file), "--data", str(data), "--out", str(out), *SMALL, "steps=2"]) == 0
+    tuned = Tokenizer.from_pretrained(out / "hf")
+    assert tuned.encode("Add 2 and 3.") == tok.encode("Add 2 and 3.") and tuned.chat_template == CHATML
+    assert "<|im_start|>" in tuned.specials and "<|header_start|>" not in tuned.specials
+    assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x][0]
+    assert first["loss"] < 7.0  # ln(416) = 6.03 from a random model: its own tokens, not the tiny tokenizer's 2048

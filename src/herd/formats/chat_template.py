@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 # Follows transformers' Llama 4 template; the differences are herd's (see herd.chat): an assistant turn with tool calls
@@ -142,10 +143,16 @@ def load_template(spec: str | None, checkpoint_template: str | None) -> str | No
         if len(text) > 1 << 20:
             raise TemplateError(f"--chat-template {spec}: over 1 MiB, not a chat template")
     try:
-        _environment().from_string(text)
+        _compiled(text)
     except Exception as e:  # jinja2.TemplateSyntaxError, with the line
         raise TemplateError(f"chat template {spec}: {e}") from e
     return text
+
+
+@lru_cache(maxsize=16)
+def _compiled(text: str):
+    """The template compiled once: SFT renders every conversation's prefixes, a server every request."""
+    return _environment().from_string(text)
 
 
 def _environment():
@@ -165,8 +172,7 @@ def render_text(template: str, messages: Sequence[dict], bos_token: str = "<|beg
     import jinja2
 
     try:
-        compiled = _environment().from_string(template)
-        return compiled.render(messages=list(messages), bos_token=bos_token,
+        return _compiled(template).render(messages=list(messages), bos_token=bos_token,
                                add_generation_prompt=add_generation_prompt,
                                tools=None if tools is None else list(tools), **extra)
     except jinja2.TemplateError as e:

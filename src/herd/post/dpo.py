@@ -36,8 +36,8 @@ from herd.config import ConfigError
 from herd.post.dpo_data import PairPacker, encode_pair, pair_images, read_pairs, reference_logprobs
 from herd.post.dpo_loss import dpo_loss, sequence_logprobs
 from herd.post.dpo_pairs import PAIRS_FILE, rollout_pairs
-from herd.post.sft import vision_config
-from herd.post.sft_data import pad_id, val_split
+from herd.post.sft_data import pad_id, val_split, with_init_tokenizer
+from herd.train.snapshots import init_vision_config as vision_config
 
 
 def _device(cfg) -> str:
@@ -101,8 +101,7 @@ def dpo(cfg, resume: bool = False) -> dict:
     if cfg.image_rows or cfg.teacher:
         raise ConfigError("herd dpo takes its images from the pairs, not from image rows, and has no teacher: set "
                           "image_rows=0 and teacher=None")
-    if cfg.tokenizer == "tiny" and (Path(cfg.init) / "tokenizer.json").is_file():
-        cfg = cfg.replace(tokenizer=cfg.init)  # the checkpoint's own tokenizer
+    cfg = with_init_tokenizer(cfg)  # the checkpoint's own tokenizer
     vision = vision_config(cfg.init)  # what the trainer's build_model will load
     return train(cfg, resume=resume, rows=partial(pair_rows, pairs=pair_source(resume), vision=vision),
                  objective=dpo_objective(cfg.beta, cfg.label_smoothing))

@@ -5,6 +5,11 @@
 
 Stages, each in its own folder under out_dir and each starting from the previous one's Hugging Face export:
 - base: pretraining on the built-in corpus (herd.train.trainer, preset "tiny");
+- contrastive, align, joint: the vision encoder's stages (herd.train.vision_stages): a fresh tower on the base
+  model, trained against the frozen decoder's caption embeddings, then on scene questions with the decoder frozen,
+  then jointly with text (early fusion) with the tower frozen; from here on the model is multimodal and every
+  evaluation also asks held-out scene questions with the right image and with another scene's
+  (herd.train.vision_diagnostics.look_report);
 - sft: supervised fine-tuning on the tasks' reference answers (herd.post.sft, preset "sft", `tasks:...` data);
 - rl: online RL on the same tasks with their verifiers as reward (herd.post.rl, preset "rl");
 - dpo: preference pairs built from the RL run's rollouts, right answers over wrong ones (herd.post.dpo, preset
@@ -35,9 +40,12 @@ from pathlib import Path
 from herd.config import ConfigError
 from herd.post.report import STAGE_FILE, Stage, load_stage, make_report, save_stage, stage_metrics, system_info
 
-STAGES = ("base", "sft", "rl", "dpo")
+STAGES = ("base", "contrastive", "align", "joint", "sft", "rl", "dpo")
+VISION = ("contrastive", "align", "joint")
+TEXT = ("base", "sft", "rl", "dpo")
 REFERENCE = "reference"  # the folder and report column of RecipeConfig.reference
-PRESET = {"base": "tiny", "sft": "sft", "rl": "rl", "dpo": "dpo"}  # each stage's training preset (TRAIN_PRESETS)
+PRESET = {"base": "tiny", "contrastive": "vision-contrastive", "align": "vision-align", "joint": "tiny-multimodal",
+          "sft": "sft", "rl": "rl", "dpo": "dpo"}  # each stage's training preset (TRAIN_PRESETS)
 
 
 @dataclass(kw_only=True)
@@ -50,6 +58,14 @@ class RecipeConfig:
     tasks: tuple[str, ...] = ("arithmetic", "sorting", "counting")
     difficulty: int = 1  # SFT examples, RL's highest difficulty, and the evaluation's difficulty
     pretrain_steps: int = 600
+    contrastive_steps: int = 1500
+    align_steps: int = 200
+    joint_steps: int = 600
+    vision: str = "tiny"  # the vision tower's preset (herd.config.VISION_PRESETS)
+    # from the vision stages on, one attention chunk holds a scene chat whole, as Llama 4's 8192-token chunks hold
+    # an image and its question: with the tiny preset's 16, only the one global layer sees the image from the answer
+    image_chunk: int = 128
+    scene_eval: int = 100  # held-out scene questions per evaluation of a multimodal stage (right / other image)
     sft_steps: int = 600
     sft_examples: int = 2000  # per task
     rl_steps: int = 30
@@ -81,7 +97,8 @@ class RecipeConfig:
             if not 1 <= self.difficulty <= task.max_difficulty:
                 raise ConfigError(f"difficulty {self.difficulty} is outside {name}'s 1..{task.max_difficulty}")
         sizes = (self.pretrain_steps, self.sft_steps, self.sft_examples, self.rl_steps, self.dpo_steps,
-                 self.eval_n_per_task, self.eval_k, self.eval_max_new_tokens)
+                 self.eval_n_per_task, self.eval_k, self.eval_max_new_tokens, self.contrastive_steps,
+                 self.align_steps, self.joint_steps, self.image_chunk, self.scene_eval)
         if min(sizes) < 1 or self.bpb_batches < 0 or self.eval_temperature <= 0:
             raise ConfigError("steps, sft_examples, eval_n_per_task, eval_k and eval_max_new_tokens must be >= 1, "
                               "bpb_batches >= 0 and eval_temperature > 0")
@@ -102,12 +119,18 @@ RECIPE_PRESETS: dict[str, dict] = {
     # rewards are equal) and the evaluation nothing to compare. 32 held-out prompts per task: differences between
     # stages of a few hundredths are still noise at 16. The reference column: SmolLM2-135M-Instruct, a real model
     # 180 times the tiny one's size, asked the same questions in its own chat template.
-    "demo": dict(out_dir="runs/recipe", tasks=("arithmetic", "counting"), pretrain_steps=1200, sft_steps=600,
-                 sft_examples=2000, rl_steps=30, dpo_steps=30, eval_n_per_task=32, reference="default",
+    "demo": dict(out_dir="runs/recipe", stages=TEXT, tasks=("arithmetic", "counting"), pretrain_steps=1200,
+                 sft_steps=600, sft_examples=2000, rl_steps=30, dpo_steps=30, eval_n_per_task=32, reference="default",
                  overrides={"sft": {"lr": 2e-3, "min_lr": 2e-4}}),
+    # `make demo-multimodal`: the demo with the vision stages between pretraining and SFT (herd.train.vision_stages)
+    "demo-multimodal": dict(out_dir="runs/recipe-multimodal", tasks=("arithmetic", "counting"), pretrain_steps=1200,
+                            contrastive_steps=3000, align_steps=200, joint_steps=800, sft_steps=600,
+                            sft_examples=2000, rl_steps=30, dpo_steps=30, eval_n_per_task=32,
+                            overrides={"sft": {"lr": 2e-3, "min_lr": 2e-4}}),
     # tests and CI: seconds per stage, nothing learned
     "smoke": dict(out_dir="runs/recipe-smoke", pretrain_steps=4, sft_steps=4, sft_examples=8, rl_steps=2,
                   dpo_steps=2, eval_n_per_task=2, eval_k=2, eval_max_new_tokens=8, bpb_batches=1,
+                  contrastive_steps=2, align_steps=2, joint_steps=2, scene_eval=2,
                   overrides={s: {"seq_len": 32 if s == "base" else 160, "batch_size": 2, "eval_batches": 1,
                                  "eval_every": 2, "ckpt_every": 2, "log_every": 1, "samples": False,
                                  **(SMOKE_RL if s == "rl" else {})} for s in STAGES}),
@@ -127,10 +150,16 @@ def stage_config(cfg: RecipeConfig, name: str, init: str | None):
 
     out = Path(cfg.out_dir)
     spec = ",".join(cfg.tasks)
-    steps = {"base": cfg.pretrain_steps, "sft": cfg.sft_steps, "rl": cfg.rl_steps, "dpo": cfg.dpo_steps}[name]
+    steps = {"base": cfg.pretrain_steps, "contrastive": cfg.contrastive_steps, "align": cfg.align_steps,
+             "joint": cfg.joint_steps, "sft": cfg.sft_steps, "rl": cfg.rl_steps, "dpo": cfg.dpo_steps}[name]
     kw: dict = {"out_dir": str(out / name), "seed": cfg.seed, "steps": steps, "device": cfg.device, "warmup": 0}
     if name != "base":
         kw["init"] = init
+    if name in VISION:  # a text init gets a fresh tower; the chunk holds a scene chat (RecipeConfig.image_chunk)
+        kw |= {"vision": cfg.vision, "model_overrides": {"attention_chunk_size": cfg.image_chunk},
+               "scene_eval": cfg.scene_eval if name != "contrastive" else 0}
+    if name == "joint":  # QA rows beside the text, the contrastive tower kept as it is
+        kw |= {"image_rows": 8, "scene_task": "qa", "freeze": "tower", "lr": 2e-3, "min_lr": 2e-4}
     if name == "sft":
         kw |= {"sft_data": f"tasks:{spec}@{cfg.difficulty}", "sft_examples": cfg.sft_examples}
     if name in ("rl", "dpo"):  # rollouts as long as the evaluation's answers: longer ones would score as truncated
@@ -150,7 +179,7 @@ def stage_config(cfg: RecipeConfig, name: str, init: str | None):
 
 def train_stage(name: str, tcfg) -> dict:
     """Run (or continue, from its newest checkpoint) one stage's training; the trainer's summary."""
-    if name == "base":
+    if name in ("base", *VISION):
         from herd.train.trainer import train
 
         return train(tcfg, resume=True)  # resume=True also starts a fresh run when there is no checkpoint
@@ -177,11 +206,19 @@ def evaluate_stage(cfg: RecipeConfig, hf_dir: str | Path) -> dict:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model = from_pretrained(hf_dir, device=device).eval()
-    results = evaluate(model, Tokenizer.from_pretrained(hf_dir), list(cfg.tasks), n_per_task=cfg.eval_n_per_task,
+    tok = Tokenizer.from_pretrained(hf_dir)
+    results = evaluate(model, tok, list(cfg.tasks), n_per_task=cfg.eval_n_per_task,
                        difficulties=[cfg.difficulty], k=cfg.eval_k, temperature=cfg.eval_temperature,
                        max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed, split="heldout",
                        bpb_batches=cfg.bpb_batches, progress=progress_printer())
     results["model"] = str(hf_dir)
+    if model.vision_config is not None:  # does it look? (the same held-out scenes at every stage)
+        from herd.train.vision_diagnostics import look_report
+
+        results["look"] = look_report(model, tok, model.vision_config, cfg.seed, cfg.scene_eval, 56)
+        look = results["look"]
+        print(f"scene questions: {look['scene_right']:.2f} right with their image, {look['scene_other']:.2f} with "
+              f"another scene's, {look['scene_chance']:.2f} from the question alone", flush=True)
     return results
 
 

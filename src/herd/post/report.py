@@ -37,6 +37,8 @@ from herd.train.plots import plot_rl, pyplot, read_metrics
 EVAL_METRICS = ("pass@1", "pass@k", "mean_reward", "format_error_rate", "mean_length")
 PER_TASK = ("pass@1", "pass@k", "mean_reward", "format_error_rate", "mean_length")
 COST_METRICS = ("wall_clock_s", "tokens", "rollout_tokens")
+# a multimodal stage's held-out scene questions (herd.train.vision_diagnostics): right image, another, question only
+LOOK_METRICS = ("scene_right", "scene_other", "scene_chance")
 KNOWN_ORDER = ("base", "sft", "rl", "dpo")  # the recipe's order (herd.post.recipe); other folders follow by name
 STAGE_FILE = "stage.json"
 
@@ -138,6 +140,7 @@ def stage_metrics(stage: Stage) -> dict:
     out = {m: total.get(m) for m in EVAL_METRICS}
     out["bits_per_byte"] = ev.get("bits_per_byte")
     out["per_task"] = {name: {m: t.get("all", {}).get(m) for m in PER_TASK} for name, t in ev.get("tasks", {}).items()}
+    out |= {m: ev.get("look", {}).get(m) for m in LOOK_METRICS}
     out |= {"wall_clock_s": stage.wall_clock_s, "tokens": stage.tokens, "rollout_tokens": stage.rollout_tokens}
     return out
 
@@ -149,6 +152,7 @@ def summary_rows(metrics: dict[str, dict]) -> list[tuple[str, list]]:
     tasks = list(dict.fromkeys(t for m in stages for t in m.get("per_task", {})))
     rows = [(m, [s.get(m) for s in stages]) for m in (*EVAL_METRICS, "bits_per_byte")]
     rows += [(f"pass@1 {t}", [s.get("per_task", {}).get(t, {}).get("pass@1") for s in stages]) for t in tasks]
+    rows += [(m, [s.get(m) for s in stages]) for m in LOOK_METRICS if any(s.get(m) is not None for s in stages)]
     rows += [(m, [s.get(m) for s in stages]) for m in COST_METRICS]
     return rows
 

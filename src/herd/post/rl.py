@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
@@ -52,7 +51,7 @@ from herd.config import ConfigError
 from herd.post.rl_loss import policy_loss, token_logprobs
 from herd.post.rl_pool import PromptPool
 from herd.post.rl_sources import Batch, default_rewards, make_source
-from herd.post.sft_data import pad_id
+from herd.post.sft_data import pad_id, with_init_tokenizer
 from herd.train.inputs import IGNORE
 from herd.train.trainer import Run
 
@@ -242,6 +241,5 @@ def rl(cfg, resume: bool = False, rewards=None) -> dict:
     if cfg.generator != "engine" and not cfg.push_dir:
         raise ConfigError(f"generator={cfg.generator} needs push_dir=DIR, the folder the server was started with "
                           "(herd serve --weights-dir DIR), so the learner can push its weights")
-    if cfg.init and cfg.tokenizer == "tiny" and (Path(cfg.init) / "tokenizer.json").is_file():
-        cfg = cfg.replace(tokenizer=cfg.init)  # the checkpoint's own tokenizer
+    cfg = with_init_tokenizer(cfg)  # the checkpoint's own tokenizer
     return RLRun(cfg, resume, rewards).fit()

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from herd.config import ConfigError
-from herd.post.sft_data import ChatPacker, Example, conversations, example, pad_id, tiles
+from herd.post.sft_data import ChatPacker, Example, conversations, example, pad_id, tiles, with_init_tokenizer
 from herd.train.inputs import IGNORE
+from herd.train.snapshots import init_vision_config as vision_config
 
 SCORES_FILE = "sft_judge_scores.jsonl"
 
@@ -123,17 +124,6 @@ def chat_rows(cfg, tok, split: str, rank: int = 0, world: int = 1, vision=None) 
                       world_size=world, shuffle=split == "train", vision=vision)
 
 
-def vision_config(path: str | Path):
-    """The VisionConfig of the model at `path` (a training run / snapshot or a Hugging Face dir), None for a text
-    model; read from its config, without the weights."""
-    from herd.formats.hf import load_config
-    from herd.train.snapshots import load_snapshot, model_config
-
-    found = load_snapshot(path, ("state",))
-    mcfg = model_config(found[1]["state"]["model_config"]) if found is not None else load_config(path)
-    return mcfg.vision_config
-
-
 def sft(cfg, resume: bool = False) -> dict:
     """Fine-tune `cfg.init` on `cfg.sft_data` (or continue the run in cfg.out_dir); the trainer's summary."""
     from herd.train.trainer import train
@@ -145,7 +135,6 @@ def sft(cfg, resume: bool = False) -> dict:
     if cfg.image_rows:
         raise ConfigError("herd sft takes its images from the conversations (sft_data), not from image rows: set "
                           "image_rows=0")
-    if cfg.init and cfg.tokenizer == "tiny" and (Path(cfg.init) / "tokenizer.json").is_file():
-        cfg = cfg.replace(tokenizer=cfg.init)  # the checkpoint's own tokenizer
+    cfg = with_init_tokenizer(cfg)  # the checkpoint's own tokenizer
     vision = vision_config(cfg.init) if cfg.init else None  # what the trainer's build_model will load
     return train(cfg, resume=resume, rows=partial(chat_rows, vision=vision))

@@ -214,9 +214,10 @@ class Example:
 
 
 def example(conv: Conversation, tok, max_len: int, vision=None) -> Example:
-    """The conversation through herd.chat's template; image tokens laid out for `vision` (the model's
-    VisionConfig; None: a text-only model, which cannot take images)."""
-    from herd.chat import collect_images
+    """The conversation in the checkpoint's chat format (herd.chat.default_template: herd's own, or the template a
+    tokenizer without Llama 4's chat tokens brings, such as SmolLM2's ChatML); image tokens laid out for `vision`
+    (the model's VisionConfig; None: a text-only model, which cannot take images)."""
+    from herd.chat import collect_images, default_template
 
     images = tuple(collect_images(conv.messages))
     if images and vision is None:
@@ -224,7 +225,8 @@ def example(conv: Conversation, tok, max_len: int, vision=None) -> Example:
                         "a multimodal checkpoint (herd init --multimodal, or a run trained with image_rows > 0), or "
                         "remove the images")
     try:
-        ids, labels, _ = chat_example(conv.messages, tok, vision, 1 << 62, conv.where, conv.tools)
+        ids, labels, _ = chat_example(conv.messages, tok, vision, 1 << 62, conv.where, conv.tools,
+                                      default_template(tok))
     except ValueError as e:  # what the chat template or herd.image refuse (unknown parts, broken images ...)
         raise DataError(f"{conv.where}: {e}") from e
     if len(ids) > max_len:
@@ -340,4 +342,16 @@ class ChatPacker(EpochStream):
 
 
 def pad_id(tok) -> int:
-    return tok.pad_id if tok.pad_id is not None else tok.specials["<|finetune_right_pad|>"]
+    """The id padding rows: the tokenizer's pad, else Llama 4's <|finetune_right_pad|>, else the eos (a tokenizer
+    with neither; padded positions are never attended to nor targets, so any id serves)."""
+    if tok.pad_id is not None:
+        return tok.pad_id
+    return tok.specials.get("<|finetune_right_pad|>", tok.eos_id)
+
+
+def with_init_tokenizer(cfg):
+    """`cfg` with tokenizer=init when none was named and the checkpoint being tuned brings its own (a Hugging Face
+    folder's tokenizer.json, a GGUF file's vocabulary): a fine-tune speaks its model's tokens."""
+    p = Path(cfg.init) if cfg.init else None
+    own = p is not None and ((p / "tokenizer.json").is_file() or (p.is_file() and p.suffix.lower() == ".gguf"))
+    return cfg.replace(tokenizer=str(p)) if own and cfg.tokenizer == "tiny" else cfg

@@ -99,14 +99,17 @@ def token_bytes_table(tok, vocab_size: int) -> torch.Tensor:
 
 
 def chat_example(messages: list[dict], tok, vcfg, max_len: int, where: str = "record",
-                 tools: list[dict] | None = None) -> tuple[list, list, object]:
+                 tools: list[dict] | None = None, template: str | None = None) -> tuple[list, list, object]:
     """(ids, labels, ImageBatch) of one conversation: labels[t] = ids[t + 1] where that token belongs to an
     assistant turn (its text or tool calls, and its end-of-turn token), else IGNORE. `tools`: the OpenAI function
-    specs the chat shows (rendered into the first user turn; herd.post.sft_data)."""
+    specs the chat shows (rendered into the first user turn; herd.post.sft_data). `template`: a Jinja chat template
+    to render instead of herd's format (herd.chat.default_template). An answer's tokens are the ones the whole
+    conversation adds to the prompt that asks for it (the conversation up to it with the generation prompt), so
+    the renderings must agree on that prefix: a template that rewrites earlier turns is refused, not mislabelled."""
     from herd.chat import collect_images, format_chat, prepare_chat, tiling
 
     kw = tiling(vcfg)
-    ids, batch = prepare_chat(messages, tok, add_generation_prompt=False, tools=tools, **kw)
+    ids, batch = prepare_chat(messages, tok, add_generation_prompt=False, tools=tools, template=template, **kw)
     if len(ids) > max_len:
         raise DataError(f"{where}: the chat takes {len(ids)} tokens (image tokens included), more than "
                         f"image_seq_len={max_len}; raise image_seq_len or use smaller images")
@@ -117,9 +120,14 @@ def chat_example(messages: list[dict], tok, vcfg, max_len: int, where: str = "re
         if m["role"] != "assistant":
             continue
         n_img = len(collect_images(messages[:k]))  # the images shown before this answer
-        start = len(format_chat(messages[:k], tok, True, grids[:n_img], per_tile, tools))
-        end = len(format_chat(messages[: k + 1], tok, False, grids[:n_img], per_tile, tools))
-        for t in range(start, end):
+        prompt = format_chat(messages[:k], tok, True, grids[:n_img], per_tile, tools, template=template)
+        upto = format_chat(messages[: k + 1], tok, False, grids[:n_img], per_tile, tools, template=template)
+        if ids[:len(prompt)] != prompt or ids[:len(upto)] != upto:
+            raise DataError(f"{where}: message {k} (assistant): the chat template renders the conversation up to "
+                            "this answer differently from the same turns inside the whole conversation, so its "
+                            "tokens cannot be told apart; train on a template whose earlier turns do not change "
+                            "as the conversation grows")
+        for t in range(len(prompt), len(upto)):
             labels[t - 1] = ids[t]
     return ids, labels, batch
 

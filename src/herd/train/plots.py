@@ -4,6 +4,8 @@
   validation bits per byte on a second axis when it was measured;
 - expert_load.png: one panel per MoE layer, the share of tokens each expert received over time. With perfect
   balance every line sits at 1/E (dashed); aux-loss-free balancing should pull the lines toward it.
+- look.png (multimodal runs with scene_eval > 0): held-out scene accuracy with the right image, another image and
+  the question alone, and each layer's attention share on the image tokens (herd.train.vision_diagnostics).
 
 matplotlib's Agg backend: files only, no display needed.
 """
@@ -111,6 +113,41 @@ def plot_rl(records: list[dict], path: str | Path) -> bool:
     return True
 
 
+def plot_look(records: list[dict], path) -> bool:
+    """Scene accuracy (right, other, chance), the attention-to-image share per layer, and the image features' norm
+    against the text embeddings' and their spread, over the run's evaluations, as one PNG; False when the records
+    hold none."""
+    rows = [r for r in records if r.get("kind") == "eval" and "val_scene_right" in r]
+    if not rows:
+        return False
+    plt = pyplot()
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 3.8))
+    steps = [r["step"] for r in rows]
+    for key, label in (("val_scene_right", "right image"), ("val_scene_other", "another scene's image"),
+                       ("val_scene_chance", "question only (chance)")):
+        a.plot(steps, [r[key] for r in rows], marker="o", label=label)
+    a.set(xlabel="step", ylabel="held-out scene QA accuracy", ylim=(0, 1), title="Does the model look?")
+    a.legend(), a.grid(alpha=0.3)
+    layers = sorted(int(k.rsplit("L", 1)[1]) for k in rows[-1] if k.startswith("val_attn_image_L"))
+    for i in layers:
+        b.plot(steps, [r.get(f"val_attn_image_L{i}", float("nan")) for r in rows], marker="o", label=f"layer {i}")
+    b.set(xlabel="step", ylabel="attention share on image tokens", title="answer position -> image tokens")
+    b.legend(), b.grid(alpha=0.3)
+    c.plot(steps, [r["val_image_norm"] / r["val_text_norm"] for r in rows], marker="o", color="tab:purple",
+           label="image token norm / text embedding norm")
+    c.set_yscale("log")
+    c.set(xlabel="step", title="projected image features")
+    c2 = c.twinx()
+    c2.plot(steps, [r["val_image_spread"] for r in rows], marker="s", color="tab:orange", label="spread across images")
+    c2.set_ylabel("spread across images (0: collapsed)")
+    handles = c.get_legend_handles_labels()[0] + c2.get_legend_handles_labels()[0]
+    c.legend(handles=handles, fontsize="small", loc="best"), c.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_run(out_dir: str | Path) -> list[Path]:
     """Draw every plot of a run into out_dir; returns the files written."""
     out = Path(out_dir)
@@ -123,4 +160,6 @@ def plot_run(out_dir: str | Path) -> list[Path]:
         written.append(out / "rl.png")
     if plot_expert_load(records, out / "expert_load.png"):
         written.append(out / "expert_load.png")
+    if plot_look(records, out / "look.png"):
+        written.append(out / "look.png")
     return written

@@ -391,6 +391,16 @@ def load_model(path: str | Path, multimodal: bool = False):
     return model.train(), mcfg
 
 
+def init_vision_config(path: str | Path):
+    """The VisionConfig of the model at `path` (a training run / snapshot or a Hugging Face dir), None for a text
+    model; read from its config, without the weights."""
+    from herd.formats.hf import load_config
+
+    found = load_snapshot(path, ("state",))
+    mcfg = model_config(found[1]["state"]["model_config"]) if found is not None else load_config(path)
+    return mcfg.vision_config
+
+
 def plain_model(sd: dict, biases: dict, mcfg):
     """A plain (unsharded, unwrapped) model on the CPU from a full state dict and its routers' biases: what is
     exported, whatever wrapped the trained one (FSDP2, FP8 modules)."""

@@ -8,6 +8,7 @@
   herd dpo --init runs/z/hf --from-rollouts runs/z/rollouts.jsonl|tasks:NAME --out runs/d [prefer=shorter]
   herd rl --init runs/y/hf --tasks arithmetic@3,sorting --out runs/z [group_size=8] [rl_async=true]  (herd.post.rl)
   herd recipe [--preset demo] --out runs/recipe [--stages base,sft,rl,dpo]   the whole recipe + report card
+      (stages: base, contrastive, align, joint, sft, rl, dpo; the three vision stages make the model multimodal)
   herd upcycle --init DIR --experts 8 --out DIR [--every 1|2]   a dense model -> a Llama 4 MoE (herd.train.upcycle)
 
 Settings are applied in order: the preset (or, when resuming, the run's own train_config.json), the --config file
@@ -98,7 +99,7 @@ def add_train_parser(subparsers) -> None:
                                            "(herd.post.recipe); resumable: a finished stage is skipped.")
     sp.add_argument("--preset", default="demo", help="recipe preset (herd.post.recipe.RECIPE_PRESETS)")
     sp.add_argument("--out", help="run directory (one folder per stage, report.md, report.json, plots)")
-    sp.add_argument("--stages", help="some of base,sft,rl,dpo in that order (default: all)")
+    sp.add_argument("--stages", help="some of base,contrastive,align,joint,sft,rl,dpo in that order (default: all)")
     sp.add_argument("--init", help="the model the first stage starts from when base is not run")
     sp.add_argument("--seed", type=int)
     sp.set_defaults(fn=run_recipe)

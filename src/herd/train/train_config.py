@@ -48,6 +48,13 @@ class TrainConfig:
     image_seq_len: int = 128  # longest image-text chat row, image tokens included
     scene_task: str = "mixed"  # caption | qa | ground | mixed (one of the three per chat) | all (herd.data.synthetic)
     scene_size: int = 56  # side of the synthetic scenes in pixels (tiny's 28-pixel tiles: a 2x2 grid + global)
+    # --- vision stages (herd.train.vision_stages) ---
+    stage: str = "lm"  # lm (next-token: text rows + image_rows) | contrastive | align (image chats only)
+    vision: str | None = None  # give a text-only init a fresh vision tower of this preset (herd.config.VISION_PRESETS)
+    freeze: str = ""  # parts that do not train, joined by ",": decoder, tower, adapter, projector
+    contrastive_loss: str = "sigmoid"  # sigmoid (SigLIP) | softmax (CLIP); herd.train.contrastive
+    contrastive_text: str = "embeddings"  # caption side: the frozen decoder's input embeddings | hidden (final states)
+    scene_eval: int = 0  # held-out scene questions asked with the right and another image at every eval (0: off)
     steps: int = 600  # planned run length: the LR schedule spans it
     max_steps: int | None = None  # stop this invocation after this step (None: `steps`)
     # --- optimizer (AdamW) and schedule ---
@@ -157,6 +164,14 @@ class TrainConfig:
             (self.tau > 0, "tau must be > 0"),
             (self.max_doc_chars >= 0, "max_doc_chars must be >= 0"),
             (0 < self.image_weight < 1, "image_weight must be in (0, 1)"),
+            (self.stage in ("lm", "contrastive", "align"),
+             f"stage must be lm, contrastive or align, got {self.stage!r}"),
+            (all(p in ("decoder", "tower", "adapter", "projector") for p in self.frozen),
+             f"freeze takes decoder, tower, adapter, projector joined by ',', got {self.freeze!r}"),
+            (self.contrastive_loss in ("sigmoid", "softmax") and self.contrastive_text in ("embeddings", "hidden"),
+             f"contrastive_loss must be sigmoid or softmax and contrastive_text embeddings or hidden, got "
+             f"{self.contrastive_loss!r}, {self.contrastive_text!r}"),
+            (self.scene_eval >= 0, "scene_eval must be >= 0"),
             (0 <= self.bias_cooldown <= 1, "bias_cooldown must be in [0, 1]"),
             (self.scene_task in ("caption", "qa", "ground", "mixed", "all"),
              f"scene_task must be caption, qa, ground, mixed or all, got {self.scene_task!r}"),
@@ -201,6 +216,12 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @property
+    def frozen(self) -> tuple[str, ...]:
+        """The parts `freeze` names; the contrastive stage always freezes the decoder (its text side)."""
+        names = tuple(p.strip() for p in self.freeze.split(",") if p.strip())
+        return names + ("decoder",) if self.stage == "contrastive" and "decoder" not in names else names
+
+    @property
     def stop_step(self) -> int:
         return self.steps if self.max_steps is None else self.max_steps
 
@@ -214,6 +235,13 @@ TRAIN_PRESETS: dict[str, dict] = {
     "tiny-maverick": dict(model="tiny-maverick", bias_rate=1e-2),
     # the tiny preset with 4 image-text chat rows (synthetic scenes) per step: the multimodal model learns to look
     "tiny-multimodal": dict(bias_rate=1e-2, image_rows=4, out_dir="runs/tiny-multimodal"),
+    # the vision stages (herd.train.vision_stages), from a text checkpoint: init=DIR (vision=tiny adds the tower)
+    "vision-contrastive": dict(stage="contrastive", vision="tiny", batch_size=64, steps=1500, warmup=50, lr=3e-3,
+                               min_lr=3e-4, weight_decay=0.0, eval_every=250, eval_batches=2, ckpt_every=500,
+                               samples=False, out_dir="runs/vision-contrastive"),
+    "vision-align": dict(stage="align", freeze="decoder", batch_size=16, steps=400, warmup=20, lr=2e-3, min_lr=2e-4,
+                         weight_decay=0.0, scene_task="qa", eval_every=100, eval_batches=2, ckpt_every=200,
+                         scene_eval=100, out_dir="runs/vision-align"),
     "smoke": dict(bias_rate=1e-2, samples=False, seq_len=32, batch_size=4, steps=12, warmup=2, eval_every=6,
                   eval_batches=2, ckpt_every=6, log_every=2, out_dir="runs/smoke"),
     # supervised fine-tuning of a checkpoint on chats (herd.post.sft): lower LR, whole conversations per row

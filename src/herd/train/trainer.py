@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -44,11 +43,21 @@ import torch
 import torch.nn.functional as F
 
 from herd.train import snapshots as ckpt
+from herd.train import vision_stages
 from herd.train.flops import default_peak_flops, flops_per_token
 from herd.train.inputs import ImageRows, documents, token_bytes_table, tokenizer
 from herd.train.schedule import lr_factor
+from herd.train.setup import build_model, build_optimizer, objective_parameters, setup_device
 from herd.train.train_config import TrainConfig
-from herd.train.validation import IGNORE, forward, objective_means, text_loss_sums, val_batches, val_metrics
+from herd.train.validation import (
+    IGNORE,
+    forward,
+    objective_means,
+    text_loss_sums,
+    to_device,
+    val_batches,
+    val_metrics,
+)
 
 # settings that may change on resume without changing the run's numbers
 RUNTIME_ONLY = ("max_steps", "out_dir", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last",
@@ -65,64 +74,16 @@ def train(cfg: TrainConfig, resume: bool = False, rows=None, objective=None) -> 
     batches with Packer's interface (state_dict / load_state_dict); herd.post.sft passes its conversations.
     `objective`, when given, replaces the cross-entropy: (logits, batch) -> (this micro-batch's mean loss, stats
     dict); the step backpropagates the mean over its micro-batches, logs it as `loss` with the stats' means, and
-    validation reports its loss as `val_loss` and each stat as `val_NAME`; herd.post.dpo passes the DPO loss."""
+    validation reports its loss as `val_loss` and each stat as `val_NAME`; herd.post.dpo passes the DPO loss. An
+    objective with an `outputs(model, batch)` method is called on what that returns instead of the logits, and one
+    that is an nn.Module with parameters trains them too and saves them with the checkpoint (herd.train.contrastive).
+    A `cfg.stage` other than "lm" supplies both (herd.train.vision_stages)."""
+    if rows is None and cfg.stage != "lm":  # a vision stage (herd.train.vision_stages)
+        rows, objective = vision_stages.stage_hooks(cfg)
     return Run(cfg, resume, rows, objective).fit()
 
 
 # ---- building blocks -----------------------------------------------------------------------------------------------
-def setup_device(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); torchrun's WORLD_SIZE > 1 initialises the process group (herd.train.distributed)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from herd.train.distributed import init_distributed
-
-        return init_distributed()
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    return 0, 1, torch.device(name)
-
-
-def build_model(cfg: TrainConfig, device: torch.device, world: int):
-    """(model, its config): a TextConfig, or a Llama4Config when the run trains on images (image_rows > 0)."""
-    import herd
-
-    if cfg.init:
-        model, mcfg = ckpt.load_model(cfg.init, multimodal=cfg.image_rows > 0)
-    else:
-        make = herd.multimodal_preset if cfg.image_rows else herd.preset
-        mcfg = make(cfg.model, **cfg.model_overrides)
-        model = herd.build_model(mcfg, seed=cfg.seed)
-        if cfg.metap:
-            from herd.train.metap import init_
-
-            init_(model, cfg.base_width, cfg.base_depth, cfg.seed)
-    model.to(device).train()
-    if cfg.fp8:
-        from herd.train.fp8 import apply_fp8
-
-        model = apply_fp8(model)
-    if world > 1:
-        from herd.train.distributed import shard
-
-        model = shard(model)
-    return model, mcfg
-
-
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.AdamW, list[float]]:
-    """AdamW and each group's peak LR. Norm weights (1-D) are never decayed; MetaP sets per-group LRs."""
-    if cfg.metap:
-        from herd.train.metap import param_groups
-
-        groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.base_width, cfg.base_depth)
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    cuda = next(model.parameters()).device.type == "cuda"
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                            fused=cuda or None)
-    return opt, [g["lr"] for g in opt.param_groups]
-
-
 def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
@@ -150,11 +111,13 @@ class Run:
         start = self._checkpoint_to_resume(resume)
         torch.manual_seed(cfg.seed)
         self.tok = tokenizer(cfg)
-        self.model, self.mcfg = build_model(cfg, self.device, self.world)
+        self.model, self.mcfg = build_model(cfg, self.device, self.world, self.tok)
         self.tcfg = self.mcfg.text_config  # the decoder's config
         if self.tok.vocab_size > self.tcfg.vocab_size:
             raise ValueError(f"tokenizer has {self.tok.vocab_size} ids but the model only {self.tcfg.vocab_size}")
-        self.opt, self.base_lrs = build_optimizer(cfg, self.model)
+        self.opt, self.base_lrs = build_optimizer(cfg, self.model, objective_parameters(objective))
+        if objective_parameters(objective) and self.world > 1:
+            raise ValueError("an objective with parameters of its own (contrastive pretraining) runs in one process")
         self.teacher = self._teacher() if cfg.teacher else None
         if rows is not None:  # e.g. SFT conversations (herd.post.sft_data)
             self.data = rows(cfg, self.tok, "train", self.rank, self.world)
@@ -217,6 +180,8 @@ class Run:
         ckpt.load_model_state(self.model, files["model"])
         ckpt.load_optim_state(self.model, self.opt, files["optim"])
         ckpt.set_expert_biases(self.model, st["expert_bias"])
+        if objective_parameters(self.objective):
+            self.objective.load_state_dict(st["objective"])
         data = st["data"]
         self.data.load_state_dict(data[self.rank] if isinstance(data, list) else data)
         if self.images is not None and "images" in st:
@@ -235,12 +200,12 @@ class Run:
         from herd.train import balance
 
         cfg, model = self.cfg, self.model
-        micro = [{k: v.to(self.device) for k, v in next(self.batches).items()} for _ in range(cfg.grad_accum)]
-        if self.step == 0 and torch.equal(micro[0]["labels"], micro[0]["input_ids"]):
+        micro = [to_device(next(self.batches), self.device) for _ in range(cfg.grad_accum)]
+        if self.step == 0 and "labels" in micro[0] and torch.equal(micro[0]["labels"], micro[0]["input_ids"]):
             raise ValueError("the packer's labels equal its input_ids: labels must be the next tokens (shifted)")
         if self.images is not None:  # one pass of image-text chat rows per micro-batch (module docstring)
             micro += [{k: v.to(self.device) for k, v in next(self.images).items()} for _ in range(cfg.grad_accum)]
-        count = [int((b["labels"] != IGNORE).sum()) for b in micro]
+        count = [int((b["labels"] != IGNORE).sum()) if "labels" in b else 0 for b in micro]
         n_text, n_img = max(sum(count[:cfg.grad_accum]), 1), max(sum(count[cfg.grad_accum:]), 1)
         w = cfg.image_weight if self.images is not None else 0.0  # the objective: (1 - w) text mean + w image mean
         ce, img_ce, aux, kl = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0.0, 0.0
@@ -249,7 +214,10 @@ class Run:
         for i, b in enumerate(micro):
             image = i >= cfg.grad_accum
             with self._autocast():
-                logits, router_logits = forward(self.model, b, return_router_logits=True)
+                if hasattr(self.objective, "outputs"):  # it scores what it computes itself (herd.train.contrastive)
+                    logits, router_logits = forward(self.model, b, self.objective), []
+                else:
+                    logits, router_logits = forward(self.model, b, return_router_logits=True)
             if self.objective is not None:  # its loss replaces the cross-entropy (train's docstring)
                 loss, stats = self.objective(logits, b)
                 loss = loss / len(micro)
@@ -275,7 +243,7 @@ class Run:
             if router_logits:
                 with torch.no_grad():
                     loads += balance.expert_loads(model, [r.detach() for r in router_logits]).float()
-        if cfg.balance == "aux_free" and len(loads):
+        if cfg.balance == "aux_free" and len(loads) and "decoder" not in cfg.frozen:  # frozen: it routes as it did
             left = cfg.steps - self.step  # steps left in the plan, this one included
             if left <= round(cfg.bias_cooldown * cfg.steps):  # the cooldown: linearly to exactly zero at the end
                 balance.shrink_biases(model, max(left - 1, 0) / max(left, 1))
@@ -295,7 +263,7 @@ class Run:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += sum(b["input_ids"].numel() for b in micro) * self.world
+        self.tokens += sum(b["input_ids" if "input_ids" in b else "caption_ids"].numel() for b in micro) * self.world
         self.loads += loads
         m = {"loss": loss_val, "lr": cfg.lr * factor, "grad_norm": gnorm, **extra}  # extra: this rank's stats
         if cfg.balance == "aux_loss":
@@ -344,8 +312,15 @@ class Run:
             out = objective_means(self.model, self.val_batches, self.objective, self.device, self._autocast)
             self.model.train()
             return {"val_bpb": None, **{f"val_{k}": v for k, v in out.items()}}
-        sums = text_loss_sums(self.model, self.val_batches, self.bytes_table, self.device, self._autocast)
+        table = self.bytes_table if self.cfg.stage == "lm" else None  # align rows are answers, not text
+        sums = text_loss_sums(self.model, self.val_batches, table, self.device, self._autocast)
         out = self._evaluate_images() if self.images is not None else {}
+        if self.cfg.scene_eval and self.mcfg.vision_config is not None and self.world == 1:
+            from herd.train.vision_diagnostics import look_report
+
+            look = look_report(self.model, self.tok, self.mcfg.vision_config, self.cfg.seed, self.cfg.scene_eval,
+                               self.cfg.scene_size)
+            out |= {f"val_{k}": v for k, v in look.items()}
         self.model.train()
         return {**val_metrics(_all_sum(sums.to(self.device), self.world).tolist()), **out}
 
@@ -388,9 +363,12 @@ class Run:
         if self.main:
             bpb = self.last_val["val_bpb"]
             img = self.last_val.get("val_image_loss")
+            shown = ("val_loss", "val_bpb", "val_image_loss")
+            more = [f"{k[4:]} {v:.4g}" for k, v in self.last_val.items() if k not in shown and isinstance(v, float)]
             print(f"eval step {self.step}: val loss {self.last_val['val_loss']:.4f}"
                   + (f", {bpb:.4f} bits/byte" if bpb is not None else "")
-                  + (f", image answers {img:.4f}" if img is not None else ""), flush=True)
+                  + (f", image answers {img:.4f}" if img is not None else "")
+                  + (f" | {', '.join(more)}" if more else ""), flush=True)
 
     def save(self) -> None:
         data = self.data.state_dict()
@@ -400,9 +378,11 @@ class Run:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, data)
             data = gathered
+        own = objective_parameters(self.objective)  # a contrastive loss's scale and bias
         files = {"model": ckpt.model_state(self.model), "optim": ckpt.optim_state(self.model, self.opt),
                  "state": {"step": self.step, "tokens": self.tokens, "data": data, "rng": ckpt.rng_state(),
                            **({"images": self.images.state_dict()} if self.images is not None else {}),
+                           **({"objective": self.objective.state_dict()} if own else {}),
                            "expert_bias": ckpt.expert_biases(self.model), "config": self.cfg.to_dict(),
                            "model_config": dataclasses.asdict(self.mcfg),
                            "schedule": {"kind": self.cfg.schedule, "lr": self.opt.param_groups[0]["lr"]}}}

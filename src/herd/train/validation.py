@@ -29,8 +29,16 @@ def val_batches(cfg: TrainConfig, tok, rank: int = 0, world: int = 1) -> list[di
     return [b for _, b in zip(range(cfg.eval_batches), val, strict=False)]
 
 
-def forward(model, b: dict, **kw):
-    """The model on a packed text batch (documents kept apart by doc_ids) or an image-text batch (pixel_values)."""
+def to_device(b: dict, device) -> dict:
+    """A batch's tensors on `device` (other entries, such as a contrastive batch's caption strings, as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def forward(model, b: dict, objective=None, **kw):
+    """The model on a packed text batch (documents kept apart by doc_ids) or an image-text batch (pixel_values);
+    an objective with an `outputs(model, batch)` method computes what it scores itself (herd.train.contrastive)."""
+    if objective is not None and hasattr(objective, "outputs"):
+        return objective.outputs(model, b)
     if "pixel_values" in b:
         kw["pixel_values"] = b["pixel_values"]
     return model(b["input_ids"], doc_ids=b.get("doc_ids"), **kw)
@@ -44,7 +52,7 @@ def text_loss_sums(model, batches: list[dict], bytes_table: torch.Tensor | None,
     sums = torch.zeros(4, dtype=torch.float64)
     table = bytes_table.to(device) if bytes_table is not None else None
     for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
+        b = to_device(b, device)
         with autocast():
             logits = forward(model, b)
         labels = b["labels"].flatten()
@@ -62,9 +70,9 @@ def objective_means(model, batches: list[dict], objective, device, autocast=cont
     """A custom objective's loss and stats (herd.train.trainer.train's `objective`), averaged over `batches`."""
     sums: dict[str, float] = {}
     for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
+        b = to_device(b, device)
         with autocast():
-            loss, stats = objective(forward(model, b), b)
+            loss, stats = objective(forward(model, b, objective), b)
         for k, v in {"loss": float(loss), **stats}.items():
             sums[k] = sums.get(k, 0.0) + v / len(batches)
     return sums
