@@ -71,7 +71,8 @@ def plot(rows: list[dict], path: Path) -> None:
                    label=("right image", "another scene's image", "question only")[j] if i == 0 else None)
             ax.scatter([x] * len(vals), vals, color="black", s=12, zorder=3)
     ax.set_xticks([1, 5, 9], [n.replace(" + joint", "\n+ joint") for n in names])
-    ax.set_ylabel("held-out scene QA accuracy (bars: mean, dots: seeds)")
+    ax.set_ylabel("held-out scene QA accuracy")
+    ax.set_title("bars: mean of the seeds, dots: each seed", fontsize="small")
     ax.set_ylim(0, 1)
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
@@ -97,7 +98,7 @@ def main() -> None:
                 steps=c_steps, warmup=min(50, c_steps), eval_every=max(c_steps // 6, 1), log_every=250,
                 model_overrides=CHUNK)
         tower = run("vision-align", ROOT / f"align-tower-s{seed}", init=c["hf"], seed=seed, steps=a_steps,
-                    warmup=min(20, a_steps), scene_eval=n, eval_every=a_steps, log_every=50)
+                    warmup=min(20, a_steps), scene_eval=n, eval_every=a_steps, log_every=50, freeze="decoder")
         al = run("vision-align", ROOT / f"align-s{seed}", init=c["hf"], seed=seed, steps=a_steps,
                  warmup=min(20, a_steps), scene_eval=n, eval_every=a_steps, log_every=50, freeze="decoder,tower")
         arms = {"contrastive + joint": joint(c["hf"], ROOT / f"cj-s{seed}", seed, j_steps, n, freeze="tower"),

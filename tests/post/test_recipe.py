@@ -197,7 +197,7 @@ def test_the_vision_stages_make_the_model_multimodal_and_the_card_says_whether_i
     result = recipe(cfg_for(out, stages=("contrastive", "align", "joint")))
     cfgs = {n: json.loads((out / n / "train_config.json").read_text()) for n in ("contrastive", "align", "joint")}
     assert cfgs["contrastive"]["init"] == str(out / "base" / "hf") and cfgs["contrastive"]["stage"] == "contrastive"
-    assert cfgs["align"]["init"] == str(out / "contrastive" / "hf") and cfgs["align"]["freeze"] == "decoder"
+    assert cfgs["align"]["init"] == str(out / "contrastive" / "hf") and cfgs["align"]["freeze"] == "decoder,tower"
     assert cfgs["joint"]["init"] == str(out / "align" / "hf") and cfgs["joint"]["image_rows"] == 8
     hf = json.loads((out / "joint" / "hf" / "config.json").read_text())
     assert hf["architectures"] == ["Llama4ForConditionalGeneration"]

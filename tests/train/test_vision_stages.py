@@ -85,7 +85,7 @@ def _weights(run):
 @pytest.mark.parametrize("stage", ["contrastive", "align"])
 def test_each_stage_freezes_the_decoder_and_resumes_exactly(base, tmp_path, stage):
     full, part = tmp_path / "full", tmp_path / "part"
-    extra = {"vision": "tiny"}
+    extra = {"vision": "tiny", "freeze": "decoder"}  # the tower trains too (vision-align's default freezes it)
     train(_stage(full, stage, base, **extra))
     train(_stage(part, stage, base, max_steps=2, **extra))
     train(_stage(part, stage, base, **extra), resume=True)

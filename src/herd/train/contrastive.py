@@ -12,9 +12,9 @@ the tower the CLIP way on image-caption pairs, with the frozen decoder as the te
   centring, 0.08 after), and without it the loss is lowered by sending every image to that direction (the tower
   collapses; measured).
 The decoder is frozen (`freeze=decoder`, forced), so the tower learns to put images where the decoder's own word
-embeddings are: the same space the early-fused image tokens land in. Why the decoder's input embeddings and not
-its final hidden states (`contrastive_text=hidden`) or a text encoder of its own: measured on the demo's base model,
-README (Experiments); the hidden states of a small model pretrained on prose barely tell scene captions apart.
+embeddings are: the same space the early-fused image tokens land in. Its final hidden states
+(`contrastive_text=hidden`) retrieve better but made no difference to how well the model later looks, and cost a
+decoder forward per caption (measured: docs/vision.md).
 
 Losses (`contrastive_loss`), over a batch of B pairs with image embeddings x and caption embeddings y:
 - "sigmoid" (SigLIP, Zhai et al. 2023, arXiv:2303.15343): -1/B sum_ij log sigmoid(z_ij (t x_i.y_j + b)), z_ii = 1,
