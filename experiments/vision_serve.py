@@ -1,6 +1,6 @@
 """Scene questions through `herd serve`: a multimodal model answers held-out scene questions sent by the official
 `openai` client with the image as a PNG data URL, and the server's answers are compared with the model's own
-greedy answers in process (herd.train.samples.scene_accuracy's prompts and scoring).
+greedy answers in process (herd.train.samples.scene_answers: what the run's evaluation scores).
 
 What it shows: the path a user takes (train -> export -> herd serve -> OpenAI chat request with an image) gives the
 answers the run's evaluation measured, image for image, and the accuracy with the right image and with another
@@ -19,55 +19,30 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from bench_serve import free_port, start, stop  # noqa: E402 (the benchmarks' server helpers)
 
 RESULTS = Path("experiments/results")
 
 
-def in_process(model_dir: str, scenes: list[tuple]) -> list[tuple[str, str]]:
-    """(answer with the right image, answer with the next scene's image) per question, greedy, as
-    scene_accuracy asks them."""
-    import herd
-    from herd.chat import prepare_chat, tiling
-    from herd.infer.generate import generate
-    from herd.tokenizer import Tokenizer
-
-    model, tok = herd.from_pretrained(model_dir).eval(), Tokenizer.from_pretrained(model_dir)
-    out = []
-    for i in range(len(scenes) - 1):
-        pair = []
-        for image in (scenes[i][0], scenes[i + 1][0]):
-            user = _user(scenes[i][1], image)
-            ids, batch = prepare_chat([{"role": "user", "content": user}], tok, **tiling(model.vision_config))
-            x = torch.tensor([ids])
-            with torch.no_grad():
-                new = generate(model, x, 8, eos_token_id=tok.stop_ids, pixel_values=batch.pixel_values)
-            pair.append(tok.decode(new[0, x.shape[1]:].tolist(), skip_special=True).strip())
-        out.append(tuple(pair))
-    return out
-
-
-def _user(messages: list[dict], image) -> list[dict]:
-    return [p if p["type"] == "text" else {"type": "image_url", "image_url": {"url": image}}
-            for p in messages[0]["content"]]
-
-
 def main() -> None:
     from openai import OpenAI
 
+    import herd
     from herd.data.synthetic import image_data_url
-    from herd.train.vision_diagnostics import _held_out
+    from herd.tokenizer import Tokenizer
+    from herd.train.samples import held_out_scenes, scene_answers, with_image
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/exp-vision/cj-s0/hf")
     ap.add_argument("--questions", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0, help="the run's seed: its held-out scenes")
     a = ap.parse_args()
-    scenes = _held_out(a.seed, a.questions, 56)
-    local = in_process(a.model, scenes)
+    scenes = held_out_scenes(a.seed, a.questions)
+    model = herd.from_pretrained(a.model).eval()
+    local = [(r, o) for r, o, _ in scene_answers(model, Tokenizer.from_pretrained(a.model), model.vision_config,
+                                                 a.seed, a.questions)]  # what the run's evaluation asked
+    del model
     port = free_port()
     proc = start("herd serve", [sys.executable, "-m", "herd.cli", "serve", "--model", a.model, "--port", str(port)],
                  port, Path("/tmp/herd_vision_serve.log"), threads=2)
@@ -80,7 +55,7 @@ def main() -> None:
             for image in (scenes[i][0], scenes[i + 1][0]):
                 reply = client.chat.completions.create(
                     model=name, temperature=0, max_tokens=8, seed=0,
-                    messages=[{"role": "user", "content": _user(scenes[i][1], image_data_url(image))}])
+                    messages=[{"role": "user", "content": with_image(scenes[i][1], image_data_url(image))}])
                 pair.append((reply.choices[0].message.content or "").strip())
             served.append(tuple(pair))
         seconds = time.perf_counter() - t0

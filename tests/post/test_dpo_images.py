@@ -49,14 +49,6 @@ def _pairs_file(path, n: int = 8):
     return path
 
 
-@pytest.fixture(scope="module")
-def inits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inits")
-    assert herd_cli(["init", "--preset", "tiny", "--multimodal", "--out", str(root / "mm")]) == 0
-    assert herd_cli(["init", "--preset", "tiny", "--out", str(root / "text")]) == 0
-    return root / "mm", root / "text"
-
-
 def test_image_pairs_label_only_the_final_answer_never_image_tokens(tmp_path):
     (tmp_path / "red.png").write_bytes(_png("red", (56, 28)))
     rec = _pair("red.png", "red", "blue")  # a path relative to the pairs file

@@ -117,14 +117,6 @@ def test_packed_image_conversations_match_each_alone():
         assert x.keys() == y.keys() and all(torch.equal(x[key], y[key]) for key in x)
 
 
-@pytest.fixture(scope="module")
-def inits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inits")
-    assert herd_cli(["init", "--preset", "tiny", "--multimodal", "--out", str(root / "mm")]) == 0
-    assert herd_cli(["init", "--preset", "tiny", "--out", str(root / "text")]) == 0
-    return root / "mm", root / "text"
-
-
 SMALL = ["seq_len=160", "batch_size=2", "eval_batches=1", "eval_every=2", "ckpt_every=2", "log_every=1",
          "plots=false", "steps=4", "warmup=1", "lr=3e-3"]
 

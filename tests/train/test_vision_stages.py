@@ -131,6 +131,8 @@ def test_the_contrastive_export_loads_in_transformers(base, tmp_path):
 def test_stage_settings_are_checked(base, tmp_path):
     with pytest.raises(ConfigError, match="text-only model; set vision"):
         train(_stage(tmp_path / "x", "align", base))
+    with pytest.raises(ConfigError, match="'eyes': not a vision preset"):
+        train(_stage(tmp_path / "z", "align", base, vision="eyes"))
     with pytest.raises(ConfigError, match="only the attention geometry"):
         train(_stage(tmp_path / "y", "align", base, vision="tiny", model_overrides={"hidden_size": 128}))
     with pytest.raises(ValueError, match="freeze takes"):

@@ -157,7 +157,8 @@ def stage_config(cfg: RecipeConfig, name: str, init: str | None):
         kw["init"] = init
     if name in VISION:  # a text init gets a fresh tower; the chunk holds a scene chat (RecipeConfig.image_chunk)
         kw |= {"vision": cfg.vision, "model_overrides": {"attention_chunk_size": cfg.image_chunk},
-               "scene_eval": cfg.scene_eval if name != "contrastive" else 0}
+               "scene_eval": cfg.scene_eval if name != "contrastive" else 0,
+               "eval_every": max(steps // 4, 1)}  # look.png's points; the stage's evaluation reports the end
     if name == "joint":  # QA rows beside the text, the contrastive tower kept as it is
         kw |= {"image_rows": 8, "scene_task": "qa", "freeze": "tower", "lr": 2e-3, "min_lr": 2e-4}
     if name == "sft":

@@ -132,6 +132,21 @@ def chat_example(messages: list[dict], tok, vcfg, max_len: int, where: str = "re
     return ids, labels, batch
 
 
+class EpochOrder:
+    """Item i of an endless stream over n records, read in a fresh seeded order every epoch (drawn once per
+    epoch, so a position in the stream is all a resumed run needs)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._epoch, self._order = n, seed, -1, []
+
+    def index(self, i: int) -> int:
+        epoch = i // self.n
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        return self._order[i % self.n]
+
+
 class ImageRows:
     """Batches of image-text chat rows: {"input_ids", "labels" (B, T), "pixel_values" (tiles, 3, H, W)}."""
 
@@ -140,12 +155,13 @@ class ImageRows:
         self.seed = cfg.seed + (VAL_OFFSET if split == "val" else 0)
         self.size, self.task = cfg.scene_size, cfg.scene_task
         self.rank, self.world, self.index = rank, world_size, 0
-        self.records, self._order = None, None  # JSONL records; (epoch, their order in that epoch)
+        self.records = None  # JSONL records, read in a fresh order every epoch
         if cfg.image_data != "scenes":
             from herd.data.sources import image_text_records
 
             records = image_text_records(cfg.image_data)
             self.records = [r for i, r in enumerate(records) if (i % 20 == 19) == (split == "val")] or records
+            self._order = EpochOrder(len(self.records), self.seed)
         pad = tok.pad_token or "<|finetune_right_pad|>"
         self.pad_id = tok.specials[pad]
 
@@ -154,11 +170,7 @@ class ImageRows:
             from herd.data.synthetic import scene_chat
 
             return scene_chat(self.seed, i, self.task, size=self.size, max_shapes=4)[1], f"scene {i}"
-        epoch = i // len(self.records)
-        if self._order is None or self._order[0] != epoch:  # a fresh order every epoch, drawn once
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._order = (epoch, torch.randperm(len(self.records), generator=g).tolist())
-        rec = self.records[self._order[1][i % len(self.records)]]
+        rec = self.records[self._order.index(i)]
         return rec["messages"], rec["image"]
 
     def __iter__(self) -> ImageRows:

@@ -56,28 +56,47 @@ def scene_samples(model, tok, vcfg, seed: int, n: int = 3, size: int = 56, max_n
     return out
 
 
-@torch.no_grad()
-def scene_accuracy(model, tok, vcfg, seed: int, n: int = 100, size: int = 56) -> dict:
-    """Exact-match accuracy on n held-out scene questions with the right image and with another scene's image."""
-    from herd.chat import prepare_chat, tiling
+def held_out_scenes(seed: int, n: int, size: int = 56) -> list[tuple]:
+    """(image, messages) of the n held-out scene questions a run is asked (the validation seeds), plus one more
+    scene, whose image stands in as "another scene's" for the last question."""
     from herd.data.synthetic import scene_chat
-    from herd.infer.generate import generate
     from herd.train.inputs import VAL_OFFSET
 
+    return [scene_chat(seed + VAL_OFFSET, 20_000 + i, "qa", size=size, max_shapes=4) for i in range(n + 1)]
+
+
+def with_image(messages: list[dict], image) -> list[dict]:
+    """The scene question's user content with `image` (a PIL image or a URL) in place of the scene's own."""
+    return [p if p["type"] == "text" else {"type": "image_url", "image_url": {"url": image}}
+            for p in messages[0]["content"]]
+
+
+@torch.no_grad()
+def scene_answers(model, tok, vcfg, seed: int, n: int = 100, size: int = 56) -> list[tuple[str, str, str]]:
+    """(greedy answer with the scene's image, with the next scene's image, the right answer) for each of the n
+    held-out scene questions."""
+    from herd.chat import prepare_chat, tiling
+    from herd.infer.generate import generate
+
     kw = tiling(vcfg)
-    scenes = [scene_chat(seed + VAL_OFFSET, 20_000 + i, "qa", size=size, max_shapes=4) for i in range(n + 1)]
-    right = {"image": 0, "other_image": 0}
+    scenes = held_out_scenes(seed, n, size)
+    out = []
     for i in range(n):
-        messages, expected = scenes[i][1], scenes[i][1][1]["content"]
-        for key, image in (("image", scenes[i][0]), ("other_image", scenes[i + 1][0])):
-            user = [p if p["type"] == "text" else {"type": "image_url", "image_url": {"url": image}}
-                    for p in messages[0]["content"]]
-            ids, batch = prepare_chat([{"role": "user", "content": user}], tok, **kw)
+        answers = []
+        for image in (scenes[i][0], scenes[i + 1][0]):
+            ids, batch = prepare_chat([{"role": "user", "content": with_image(scenes[i][1], image)}], tok, **kw)
             ids = torch.tensor([ids], device=_device(model))
             new = generate(model, ids, 8, eos_token_id=tok.stop_ids, pixel_values=batch.pixel_values.to(ids.device))
-            right[key] += tok.decode(new[0, ids.shape[1]:].tolist(), skip_special=True).strip() == expected
-    return {"scene_qa_accuracy": right["image"] / n, "scene_qa_accuracy_other_image": right["other_image"] / n,
-            "scene_qa_questions": n}
+            answers.append(tok.decode(new[0, ids.shape[1]:].tolist(), skip_special=True).strip())
+        out.append((*answers, scenes[i][1][1]["content"]))
+    return out
+
+
+def scene_accuracy(model, tok, vcfg, seed: int, n: int = 100, size: int = 56) -> dict:
+    """Exact-match accuracy on n held-out scene questions with the right image and with another scene's image."""
+    answers = scene_answers(model, tok, vcfg, seed, n, size)
+    return {"scene_qa_accuracy": sum(a == e for a, _, e in answers) / n,
+            "scene_qa_accuracy_other_image": sum(o == e for _, o, e in answers) / n, "scene_qa_questions": n}
 
 
 def print_samples(model, tok, mcfg, seed: int, out_dir=None, scene_size: int = 56) -> dict:

@@ -22,7 +22,7 @@ def setup_device(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return 0, 1, torch.device(name)
 
 
-def build_model(cfg: TrainConfig, device: torch.device, world: int, tok=None):
+def build_model(cfg: TrainConfig, device: torch.device, world: int, tok):
     """(model, its config): a TextConfig, or a Llama4Config when the run trains on images (image_rows > 0)."""
     import herd
 

@@ -25,33 +25,25 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-NAMES = re.compile(r"\b(red|green|blue|yellow|purple|orange|circle|square|triangle|diamond|star)s?\b")
-
-
-def _held_out(seed: int, n: int, size: int) -> list[tuple]:
-    """The (image, messages) scene_accuracy asks about: its first n held-out scenes, plus one more."""
-    from herd.data.synthetic import scene_chat
-    from herd.train.inputs import VAL_OFFSET
-
-    return [scene_chat(seed + VAL_OFFSET, 20_000 + i, "qa", size=size, max_shapes=4) for i in range(n + 1)]
-
 
 @functools.lru_cache(maxsize=8)  # the same figure at every evaluation of a run
 def chance(seed: int, n: int, size: int, train_scenes: int = 4000) -> float:
     """Accuracy of the question-only predictor on the held-out questions: the most common training answer to the same
     question (to the same question with colours and shapes blanked where that question never occurred)."""
-    from herd.data.synthetic import make_scene
+    from herd.data.synthetic import COLORS, SHAPES, make_scene
+    from herd.train.samples import held_out_scenes
 
+    names = re.compile(r"\b(" + "|".join((*COLORS, *SHAPES)) + r")s?\b")  # what a question names
     exact, family = {}, {}
     for i in range(train_scenes):
         scene = make_scene(seed, i, size, max_shapes=4)
         for q, a in scene.qa:
             exact.setdefault(q, Counter())[a] += 1
-            family.setdefault(NAMES.sub("_", q), Counter())[a] += 1
+            family.setdefault(names.sub("_", q), Counter())[a] += 1
     right = 0
-    for _, messages in _held_out(seed, n, size)[:n]:
+    for _, messages in held_out_scenes(seed, n, size)[:n]:
         q = next(p["text"] for p in messages[0]["content"] if p["type"] == "text")
-        votes = exact.get(q) or family.get(NAMES.sub("_", q)) or Counter()
+        votes = exact.get(q) or family.get(names.sub("_", q)) or Counter()
         right += bool(votes) and votes.most_common(1)[0][0] == messages[1]["content"]
     return right / n
 
@@ -120,12 +112,12 @@ def feature_stats(model, tok, vcfg, scenes: list[tuple]) -> dict:
 
 def look_report(model, tok, vcfg, seed: int, n: int, size: int) -> dict:
     """Every figure of the module docstring, for a run's evaluation (scene_* accuracies over n questions)."""
-    from herd.train.samples import scene_accuracy
+    from herd.train.samples import held_out_scenes, scene_accuracy
 
     was = model.training
     model.eval()
     acc = scene_accuracy(model, tok, vcfg, seed, n=n, size=size)
-    scenes = _held_out(seed, 16, size)[:16]
+    scenes = held_out_scenes(seed, 16, size)[:16]
     out = {"scene_right": acc["scene_qa_accuracy"], "scene_other": acc["scene_qa_accuracy_other_image"],
            "scene_chance": chance(seed, n, size), **feature_stats(model, tok, vcfg, scenes)}
     out |= {f"attn_image_L{i}": s for i, s in enumerate(image_attention(model, tok, vcfg, scenes))}

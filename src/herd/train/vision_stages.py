@@ -110,7 +110,9 @@ def vision_config(cfg):
 
     found = init_vision(cfg.init) if cfg.init else None
     if found is None and cfg.vision:
-        return VisionConfig(**VISION_PRESETS[cfg.vision]) if cfg.vision in VISION_PRESETS else None
+        if cfg.vision not in VISION_PRESETS:
+            raise ConfigError(f"vision={cfg.vision!r}: not a vision preset; choose one of {sorted(VISION_PRESETS)}")
+        return VisionConfig(**VISION_PRESETS[cfg.vision])
     return found
 
 
