@@ -111,7 +111,7 @@ class ContrastiveObjective(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0) if kind == "sigmoid" else math.log(1 / 0.07)))
         self.bias = nn.Parameter(torch.tensor(-10.0), requires_grad=kind == "sigmoid")
         self.centre: torch.Tensor | None = None
-        self.centre_batch: dict | None = None  # captions (ids, mask) the centre is computed from
+        self.centre_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # captions (ids, mask) for the centre
 
     def outputs(self, model, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
         decoder = model.decoder
@@ -190,8 +190,8 @@ class CaptionBatches:
         images = preprocess([load_image(src) for src, _ in pairs], tile_size=self.vcfg.image_size,
                             max_tiles=self.vcfg.max_tiles)
         ids, mask = self.captions(pairs)
-        tiles = [r * c + (r * c > 1) for r, c in images.grids]  # the tiles, plus the thumbnail of a split image
-        return {"pixel_values": images.pixel_values, "image_tiles": torch.tensor(tiles), "caption_ids": ids,
+        return {"pixel_values": images.pixel_values, "image_tiles": torch.tensor(images.tiles_per_image),
+                "caption_ids": ids,
                 "caption_mask": mask, "captions": [text for _, text in pairs]}
 
     def state_dict(self) -> dict:
