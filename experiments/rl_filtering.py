@@ -68,7 +68,7 @@ def plot(rows: list[dict], sft_pass: float, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sft", help="the SFT model to start from (default: trained as experiments/rl_vs_sft.py does)")
-    ap.add_argument("--base", default="runs/demo-multimodal/hf")
+    ap.add_argument("--base", default="runs/tiny-multimodal/hf")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps of the filtered runs")
     ap.add_argument("--plain-steps", type=int, default=100, help="optimizer steps of the plain GRPO runs")

@@ -11,8 +11,8 @@ Each model is evaluated on the same held-out prompts (herd.post.evaluate: pass@1
 the unbiased estimator), and the table gives pass@1 with the rollout tokens each run generated (pool scoring
 included). A difference counts only beyond the seed-to-seed spread.
 
-The SFT model: --sft DIR, or trained here from --base (default runs/demo-multimodal/hf, what `make demo-multimodal`
-trains) on the same
+The SFT model: --sft DIR, or trained here from --base (default runs/tiny-multimodal/hf, what
+`herd train --preset tiny-multimodal steps=1200 warmup=50` trains; the recorded results started from it) on the same
 tasks at difficulty 1 (a few minutes).
 
 Run:  .venv/bin/python experiments/rl_vs_sft.py [--seeds 0 1] [--steps 40]     (~30 min on 2 CPU cores)
@@ -102,7 +102,7 @@ def plot(rows: list[dict], sft_pass: float, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sft", help="the SFT model to start from (default: trained here from --base)")
-    ap.add_argument("--base", default="runs/demo-multimodal/hf")
+    ap.add_argument("--base", default="runs/tiny-multimodal/hf")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eval-prompts", type=int, default=48)

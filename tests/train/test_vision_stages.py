@@ -21,7 +21,7 @@ from herd.data.synthetic import scene_chat
 from herd.tokenizer import tiny_tokenizer
 from herd.train import snapshots as ckpt
 from herd.train import train, train_preset
-from herd.train.contrastive import retrieval, sigmoid_loss, softmax_loss
+from herd.train.contrastive import retrieval, sigmoid_loss, softmax_loss, token_similarity
 from herd.train.vision_stages import attach_tower, parts
 from tests.train import transformers_logit_gap
 
@@ -36,19 +36,32 @@ def test_sigmoid_and_softmax_losses_equal_hand_computed_values():
     sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
     want = -(math.log(sig(2 * 0.8 - 1)) + math.log(sig(-(2 * 0.0 - 1))) + math.log(sig(-(2 * 0.96 - 1)))
              + math.log(sig(2 * 0.8 - 1))) / 2
-    got = sigmoid_loss(x, y, torch.tensor(math.log(t)), torch.tensor(b))
+    got = sigmoid_loss(x @ y.T, torch.tensor(math.log(t)), torch.tensor(b))
     assert abs(float(got) - want) < 1e-6
     # CLIP: mean of row-wise and column-wise cross-entropy of t x.y = [[1.6, 0], [1.92, 1.6]]
     row = -(math.log(math.exp(1.6) / (math.exp(1.6) + 1)) + math.log(math.exp(1.6) / (math.exp(1.92) + math.exp(1.6))))
     col = -(math.log(math.exp(1.6) / (math.exp(1.6) + math.exp(1.92))) + math.log(math.exp(1.6) / (1 + math.exp(1.6))))
-    assert abs(float(softmax_loss(x, y, torch.tensor(math.log(t)))) - (row / 2 + col / 2) / 2) < 1e-6
+    assert abs(float(softmax_loss(x @ y.T, torch.tensor(math.log(t)))) - (row / 2 + col / 2) / 2) < 1e-6
+
+
+def test_token_similarity_averages_each_caption_tokens_best_image_token():
+    # image 0: tokens e0, e1 (+ a padding token that would win every max); image 1: token e2 only
+    x = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]], [[0, 0, 1.0], [9.0, 9.0, 9.0], [0, 0, 0]]])
+    x_mask = torch.tensor([[True, True, False], [True, False, False]])
+    # caption 0: tokens e0, (0.6, 0.8, 0); caption 1: e2 and a padding token
+    y = torch.tensor([[[1.0, 0, 0], [0.6, 0.8, 0]], [[0, 0, 1.0], [1.0, 0, 0]]])
+    y_mask = torch.tensor([[True, True], [True, False]])
+    got = token_similarity(x, x_mask, y, y_mask)
+    # image 0 / caption 0: e0 finds e0 (1), (0.6, 0.8, 0) finds e1 (0.8) -> 0.9; image 0 / caption 1: e2 finds
+    # nothing better than 0; image 1 / caption 0: both tokens find only e2 (0, 0); image 1 / caption 1: 1
+    assert torch.allclose(got, torch.tensor([[0.9, 0.0], [0.0, 1.0]]))
 
 
 def test_retrieval_counts_an_identical_caption_as_right():
     x = torch.eye(3)
     y = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # images 0 and 1 swap captions
-    assert retrieval(x, y, ["a", "b", "c"]) == (1 / 3, 1 / 3)
-    assert retrieval(x, y, ["a", "a", "c"]) == (1.0, 1.0)  # the swapped captions are the same text
+    assert retrieval(x @ y.T, ["a", "b", "c"]) == (1 / 3, 1 / 3)
+    assert retrieval(x @ y.T, ["a", "a", "c"]) == (1.0, 1.0)  # the swapped captions are the same text
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +85,10 @@ def test_a_fresh_tower_leaves_the_text_model_as_it_was(base):
 
 
 def _stage(out, stage, init, **kw):
-    preset = {"contrastive": "vision-contrastive", "align": "vision-align"}[stage]
+    preset = {"contrastive": "vision-contrastive", "contrastive-tokens": "vision-contrastive",
+              "align": "vision-align"}[stage]
+    if stage == "contrastive-tokens":
+        kw = {"contrastive_pool": "tokens", **kw}
     base = dict(out_dir=str(out), init=str(init), steps=6, warmup=1, batch_size=6, eval_every=3, eval_batches=1,
                 ckpt_every=2, log_every=1, plots=False, export=False, samples=False, scene_eval=0)
     return train_preset(preset, **{**base, **kw})
@@ -82,7 +98,7 @@ def _weights(run):
     return ckpt.load(ckpt.latest(run / "ckpt"))
 
 
-@pytest.mark.parametrize("stage", ["contrastive", "align"])
+@pytest.mark.parametrize("stage", ["contrastive", "contrastive-tokens", "align"])
 def test_each_stage_freezes_the_decoder_and_resumes_exactly(base, tmp_path, stage):
     full, part = tmp_path / "full", tmp_path / "part"
     extra = {"vision": "tiny", "freeze": "decoder"}  # the tower trains too (vision-align's default freezes it)
@@ -92,7 +108,7 @@ def test_each_stage_freezes_the_decoder_and_resumes_exactly(base, tmp_path, stag
     a, b = _weights(full), _weights(part)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    if stage == "contrastive":  # the loss's own scale and bias are saved and restored
+    if stage.startswith("contrastive"):  # the loss's own scale and bias are saved and restored
         assert a["state"]["objective"].keys() == {"log_scale", "bias"}
         assert all(torch.equal(a["state"]["objective"][k], b["state"]["objective"][k]) for k in ("log_scale", "bias"))
         assert float(a["state"]["objective"]["bias"]) != -10.0  # it learnt
@@ -106,7 +122,7 @@ def test_each_stage_freezes_the_decoder_and_resumes_exactly(base, tmp_path, stag
              not torch.equal(start[k], a["model"][k])]
     assert len(moved) > 10  # the tower, adapter and projector did train
     recs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
-    if stage == "contrastive":
+    if stage.startswith("contrastive"):
         assert {"val_i2t", "val_t2i", "val_loss"} <= set(recs[-1])
 
 
@@ -159,7 +175,8 @@ def test_attention_shares_come_from_the_probabilities_sdpa_used():
 
 
 def test_look_report_on_a_multimodal_model():
-    from herd.train.vision_diagnostics import chance, feature_stats, look_report
+    from herd.train.samples import chance
+    from herd.train.vision_diagnostics import feature_stats, look_report
 
     model = herd.build_model(herd.multimodal_preset("tiny", attention_chunk_size=128), seed=0).eval()
     tok = tiny_tokenizer()
@@ -170,6 +187,29 @@ def test_look_report_on_a_multimodal_model():
     assert 0 < chance(0, 40, 56) < 1
     same = [scene_chat(7, 0, "qa", size=56, max_shapes=4)] * 3  # one image three times: no spread
     assert feature_stats(model, tok, model.vision_config, same)["image_spread"] < 1e-6
+
+
+def test_accuracy_by_question_family():
+    from herd.data.synthetic import FAMILIES, make_scene, question_family
+    from herd.train.samples import chance, family_accuracy, held_out_scenes, question_only_answers
+
+    assert {question_family(q) for i in range(50) for q, _ in make_scene(3, i, 56, 4).qa} == set(FAMILIES)
+    with pytest.raises(ValueError, match="not a scene question"):
+        question_family("Describe the image.")
+    n = 60
+    scenes = held_out_scenes(0, n, 56)[:n]
+    want = [m[1]["content"] for _, m in scenes]
+    # right image always right; other image right only on the count questions
+    counts = [question_family(next(p["text"] for p in m[0]["content"] if p["type"] == "text")) == "count"
+              for _, m in scenes]
+    answers = [(w, w if c else "nope", w) for w, c in zip(want, counts, strict=True)]
+    table = family_accuracy(answers, 0, 56)
+    assert sum(f["questions"] for f in table.values()) == n and set(table) <= set(FAMILIES)
+    assert all(f["right"] == 1.0 for f in table.values())
+    assert table["count"]["other"] == 1.0 and all(f["other"] == 0.0 for k, f in table.items() if k != "count")
+    overall = sum(f["question_only"] * f["questions"] for f in table.values()) / n  # the families add up to chance
+    assert abs(overall - chance(0, n, 56)) < 1e-9
+    assert len(question_only_answers(0, n, 56)) == n
 
 
 def test_caption_embeddings_ignore_the_padding():

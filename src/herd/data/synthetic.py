@@ -154,6 +154,31 @@ def _questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[str, str]]
     return qa
 
 
+# The question families _questions asks, in its order, each told by the start of its template: what a look report
+# breaks accuracy down by (herd.train.vision_diagnostics.family_accuracy).
+FAMILIES = ("count", "count by shape", "count by colour", "colour of a shape", "shape of a colour", "left or right",
+            "above or below")
+
+
+def question_family(question: str) -> str:
+    """The family (FAMILIES) of one of _questions' questions; ValueError for any other text."""
+    if question == "How many shapes are there?":
+        return "count"
+    if question.startswith("How many ") and question.endswith(" shapes are there?"):
+        return "count by colour"
+    if question.startswith("How many "):
+        return "count by shape"
+    if question.startswith("What color is the "):
+        return "colour of a shape"
+    if question.startswith("What shape is the "):
+        return "shape of a colour"
+    if " to the left or to the right of " in question:
+        return "left or right"
+    if " above or below " in question:
+        return "above or below"
+    raise ValueError(f"not a scene question: {question!r}")
+
+
 def make_scene(seed: int, index: int, size: int = 224, max_shapes: int = 5) -> Scene:
     """Scene number `index` of the stream `seed`: the image, its objects, caption, questions and boxes."""
     rng = random.Random(f"herd-scene:{seed}:{index}")

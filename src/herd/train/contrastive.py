@@ -47,24 +47,36 @@ CENTRE_CAPTIONS = 512  # training captions whose mean embedding is the centre
 
 
 # ---- the losses ----------------------------------------------------------------------------------------------------
-def sigmoid_loss(x: torch.Tensor, y: torch.Tensor, log_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """SigLIP's loss of image embeddings x (B, D) against caption embeddings y (B, D), both unit-norm."""
-    logits = x @ y.T * log_scale.exp() + bias  # (B, B)
-    z = 2 * torch.eye(len(x), device=x.device, dtype=logits.dtype) - 1  # +1 on the matching pairs, -1 elsewhere
-    return -F.logsigmoid(z * logits).sum() / len(x)
+def sigmoid_loss(sim: torch.Tensor, log_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss of the (B, B) image-caption similarities sim (pair i is sim[i, i]; cosines, in [-1, 1])."""
+    logits = sim * log_scale.exp() + bias
+    z = 2 * torch.eye(len(sim), device=sim.device, dtype=logits.dtype) - 1  # +1 on the matching pairs, -1 elsewhere
+    return -F.logsigmoid(z * logits).sum() / len(sim)
 
 
-def softmax_loss(x: torch.Tensor, y: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE loss of unit-norm image embeddings x (B, D) and caption embeddings y (B, D)."""
-    logits = x @ y.T * log_scale.exp()  # (B, B)
-    target = torch.arange(len(x), device=x.device)
+def softmax_loss(sim: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE loss of the (B, B) image-caption similarities sim."""
+    logits = sim * log_scale.exp()
+    target = torch.arange(len(sim), device=sim.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def retrieval(x: torch.Tensor, y: torch.Tensor, captions: list[str]) -> tuple[float, float]:
-    """(image->text, text->image) top-1 accuracy of similarity x @ y.T; an identical caption counts as the right
-    one."""
-    sim = x @ y.T
+def token_similarity(x: torch.Tensor, x_mask: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
+    """(B, B) token-wise late-interaction similarity (FILIP, Yao et al. 2021, arXiv:2111.07783, its text-to-image
+    direction): for image i and caption j, each of the caption's tokens takes its best-matching image token, and the
+    cosines are averaged over the caption. x (B, N, D) unit-norm image tokens with x_mask (B, N); y (B, L, D)
+    unit-norm caption tokens with y_mask (B, L). Unlike the pooled similarity this scores every word against one
+    place in the image, so the tower is pushed to put each object's words on that object's tokens."""
+    cos = torch.einsum("ind,jld->ijnl", x, y)  # (B_img, B_cap, N, L)
+    cos = cos.masked_fill(~x_mask[:, None, :, None], -2.0)  # padding tokens never win the max
+    best = cos.amax(2)  # (B_img, B_cap, L)
+    m = y_mask.to(best.dtype)[None]
+    return (best * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def retrieval(sim: torch.Tensor, captions: list[str]) -> tuple[float, float]:
+    """(image->text, text->image) top-1 accuracy of the (B, B) image-caption similarities; an identical caption
+    counts as the right one."""
     i2t = sum(captions[int(j)] == captions[i] for i, j in enumerate(sim.argmax(1)))
     t2i = sum(captions[int(i)] == captions[j] for j, i in enumerate(sim.argmax(0)))
     return i2t / len(captions), t2i / len(captions)
@@ -82,9 +94,25 @@ def image_embeddings(model, pixel_values: torch.Tensor, tiles: torch.Tensor) -> 
     return F.normalize(sums / tiles.to(feats.device)[:, None], dim=-1)
 
 
-def caption_means(decoder, ids: torch.Tensor, mask: torch.Tensor, text: str = "embeddings") -> torch.Tensor:
-    """(B, D) mean over each caption's tokens (mask (B, L) 1 on real tokens) of the decoder's input embeddings
-    (text="embeddings") or of its final normed hidden states ("hidden"; right padding is never attended to)."""
+def image_tokens(model, pixel_values: torch.Tensor, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm (B, N, D) projected vision tokens of each image (all its tiles' tokens, right-padded to the longest
+    image) and the (B, N) mask of real ones; `tiles` as in image_embeddings."""
+    feats = model.image_features(pixel_values)  # (tiles * K, D)
+    per_tile = F.normalize(feats, dim=-1).view(pixel_values.shape[0], -1, feats.shape[-1])  # (tiles, K, D)
+    K, counts = per_tile.shape[1], [int(t) for t in tiles]
+    x = per_tile.new_zeros(len(counts), max(counts) * K, feats.shape[-1])
+    mask = torch.zeros(len(counts), max(counts) * K, dtype=torch.bool, device=feats.device)
+    start = 0
+    for i, n in enumerate(counts):
+        x[i, :n * K] = per_tile[start:start + n].reshape(n * K, -1)
+        mask[i, :n * K] = True
+        start += n
+    return x, mask
+
+
+def caption_states(decoder, ids: torch.Tensor, text: str = "embeddings") -> torch.Tensor:
+    """(B, L, D) float32: the decoder's input embeddings of the caption tokens (text="embeddings") or its final
+    normed hidden states ("hidden"; right padding is never attended to)."""
     x = decoder.embed(ids)
     if text == "hidden":
         from herd.model.layout import sequence_step
@@ -92,46 +120,57 @@ def caption_means(decoder, ids: torch.Tensor, mask: torch.Tensor, text: str = "e
         B, L = ids.shape
         x = decoder.decode(x, sequence_step(B, L, x.device, decoder.config.attention_chunk_size, None, None,
                                             None))[0]
+    return x.float()
+
+
+def caption_means(decoder, ids: torch.Tensor, mask: torch.Tensor, text: str = "embeddings") -> torch.Tensor:
+    """(B, D) mean over each caption's tokens (mask (B, L) 1 on real tokens) of caption_states."""
     m = mask.to(torch.float32)[..., None]
-    return (x.float() * m).sum(1) / m.sum(1).clamp(min=1)
+    return (caption_states(decoder, ids, text) * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 class ContrastiveObjective(nn.Module):
-    """The trainer's objective for this stage (herd.train.trainer.train): `outputs(model, batch)` gives the two
-    embeddings (in place of the model's logits), calling the objective on them gives (loss, stats). Holds the
-    learned scale and bias, and the centre of the caption embeddings (computed from the frozen decoder on first
-    use; not saved: the decoder is frozen, so it is the same bits every time)."""
+    """The trainer's objective for this stage (herd.train.trainer.train): `outputs(model, batch)` gives the (B, B)
+    image-caption similarities (in place of the model's logits), calling the objective on them gives (loss, stats).
+    `pool`: "mean" compares each image's mean token with the caption's mean embedding (CLIP/SigLIP), "tokens" matches
+    caption tokens to image tokens (token_similarity). Holds the learned scale and bias, and the centre of the
+    caption embeddings (computed from the frozen decoder on first use; not saved: the decoder is frozen, so it is
+    the same bits every time)."""
 
-    def __init__(self, kind: str = "sigmoid", text: str = "embeddings"):
+    def __init__(self, kind: str = "sigmoid", text: str = "embeddings", pool: str = "mean"):
         super().__init__()
-        if kind not in ("sigmoid", "softmax") or text not in ("embeddings", "hidden"):
-            raise ValueError(f"contrastive_loss must be sigmoid or softmax and contrastive_text embeddings or hidden, "
-                             f"got {kind!r}, {text!r}")
-        self.kind, self.text = kind, text
+        if kind not in ("sigmoid", "softmax") or text not in ("embeddings", "hidden") or pool not in ("mean",
+                                                                                                      "tokens"):
+            raise ValueError(f"contrastive_loss must be sigmoid or softmax, contrastive_text embeddings or hidden and "
+                             f"contrastive_pool mean or tokens, got {kind!r}, {text!r}, {pool!r}")
+        self.kind, self.text, self.pool = kind, text, pool
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0) if kind == "sigmoid" else math.log(1 / 0.07)))
         self.bias = nn.Parameter(torch.tensor(-10.0), requires_grad=kind == "sigmoid")
         self.centre: torch.Tensor | None = None
         self.centre_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # captions (ids, mask) for the centre
 
-    def outputs(self, model, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        decoder = model.decoder
+    def outputs(self, model, b: dict) -> torch.Tensor:
+        decoder, ids, mask = model.decoder, b["caption_ids"], b["caption_mask"]
         with torch.no_grad():  # the frozen text side
             if self.centre is None:
-                ids, mask = (t.to(b["caption_ids"].device) for t in self.centre_batch)
-                self.centre = caption_means(decoder, ids, mask, self.text).mean(0)
-            y = caption_means(decoder, b["caption_ids"], b["caption_mask"], self.text)
-            y = F.normalize(y - self.centre, dim=-1)
-        return image_embeddings(model, b["pixel_values"], b["image_tiles"]), y
+                sample = tuple(t.to(ids.device) for t in self.centre_batch)
+                self.centre = caption_means(decoder, *sample, self.text).mean(0)
+            if self.pool == "tokens":
+                y = F.normalize(caption_states(decoder, ids, self.text) - self.centre, dim=-1)  # (B, L, D)
+            else:
+                y = F.normalize(caption_means(decoder, ids, mask, self.text) - self.centre, dim=-1)  # (B, D)
+        if self.pool == "tokens":
+            x, x_mask = image_tokens(model, b["pixel_values"], b["image_tiles"])
+            return token_similarity(x.float(), x_mask, y, mask.to(torch.bool))
+        return image_embeddings(model, b["pixel_values"], b["image_tiles"]).float() @ y.T
 
-    def forward(self, out, b: dict) -> tuple[torch.Tensor, dict]:
-        x, y = out
-        x = x.float()
+    def forward(self, sim: torch.Tensor, b: dict) -> tuple[torch.Tensor, dict]:
         if self.kind == "sigmoid":
-            loss = sigmoid_loss(x, y, self.log_scale, self.bias)
+            loss = sigmoid_loss(sim, self.log_scale, self.bias)
         else:
-            loss = softmax_loss(x, y, self.log_scale)
+            loss = softmax_loss(sim, self.log_scale)
         with torch.no_grad():
-            i2t, t2i = retrieval(x, y, b["captions"])
+            i2t, t2i = retrieval(sim, b["captions"])
         return loss, {"i2t": i2t, "t2i": t2i, "scale": float(self.log_scale.detach().exp())}
 
 
@@ -204,7 +243,7 @@ class CaptionBatches:
 def contrastive_stage(cfg, vcfg) -> tuple:
     """The trainer's (rows, objective) for this stage: caption batches, and the objective with its centre sample
     (the first CENTRE_CAPTIONS training captions of seed + 1, a stream the run does not train on first)."""
-    objective = ContrastiveObjective(cfg.contrastive_loss, cfg.contrastive_text)
+    objective = ContrastiveObjective(cfg.contrastive_loss, cfg.contrastive_text, cfg.contrastive_pool)
 
     def rows(cfg_, tok, split, rank=0, world=1):
         batches = CaptionBatches(cfg_, tok, vcfg, split, rank, world)

@@ -54,6 +54,7 @@ class TrainConfig:
     freeze: str = ""  # parts that do not train, joined by ",": decoder, tower, adapter, projector
     contrastive_loss: str = "sigmoid"  # sigmoid (SigLIP) | softmax (CLIP); herd.train.contrastive
     contrastive_text: str = "embeddings"  # caption side: the frozen decoder's input embeddings | hidden (final states)
+    contrastive_pool: str = "mean"  # mean: pooled image vs pooled caption | tokens: caption tokens vs image tokens
     scene_eval: int = 0  # held-out scene questions asked with the right and another image at every eval (0: off)
     steps: int = 600  # planned run length: the LR schedule spans it
     max_steps: int | None = None  # stop this invocation after this step (None: `steps`)
@@ -168,9 +169,10 @@ class TrainConfig:
              f"stage must be lm, contrastive or align, got {self.stage!r}"),
             (all(p in ("decoder", "tower", "adapter", "projector") for p in self.frozen),
              f"freeze takes decoder, tower, adapter, projector joined by ',', got {self.freeze!r}"),
-            (self.contrastive_loss in ("sigmoid", "softmax") and self.contrastive_text in ("embeddings", "hidden"),
-             f"contrastive_loss must be sigmoid or softmax and contrastive_text embeddings or hidden, got "
-             f"{self.contrastive_loss!r}, {self.contrastive_text!r}"),
+            (self.contrastive_loss in ("sigmoid", "softmax") and self.contrastive_text in ("embeddings", "hidden")
+             and self.contrastive_pool in ("mean", "tokens"),
+             f"contrastive_loss must be sigmoid or softmax, contrastive_text embeddings or hidden and contrastive_pool "
+             f"mean or tokens, got {self.contrastive_loss!r}, {self.contrastive_text!r}, {self.contrastive_pool!r}"),
             (self.scene_eval >= 0, "scene_eval must be >= 0"),
             (0 <= self.bias_cooldown <= 1, "bias_cooldown must be in [0, 1]"),
             (self.scene_task in ("caption", "qa", "ground", "mixed", "all"),

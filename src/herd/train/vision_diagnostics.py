@@ -1,10 +1,13 @@
 """Does a multimodal model look? What a run reports at every evaluation when `scene_eval` > 0, and plots.
 
 - `scene_right` / `scene_other`: held-out scene questions answered with the scene's own image and with the next
-  scene's image (herd.train.samples.scene_accuracy); `scene_chance`: the accuracy of answering each of those
-  questions with the answer most common for that question in 4000 training scenes - the best a model that reads
-  only the question can expect. A model that looks scores well above it with the right image and near (or below)
-  it with the wrong one.
+  scene's image (herd.train.samples.scene_accuracy); `scene_chance` (samples.chance): the accuracy of answering
+  each of those questions with the answer most common for that question in 4000 training scenes - the best a model
+  that reads only the question can expect. A model that looks scores well above it with the right image and near
+  (or below) it with the wrong one.
+- herd.train.samples.family_accuracy: the same three accuracies per question family (counts, colour of a shape,
+  shape of a colour, left/right, above/below), printed at the end of a run: which families the image helps says
+  what its features carry.
 - Feature statistics of the projected image tokens (what fills the `<|patch|>` positions) against the decoder's
   text embeddings: `image_norm` and `text_norm` (mean L2 norm per token) and `image_spread`, the mean distance of an
   image's token from the mean over 16 images at the same position, over the mean norm: 0 when every image gives
@@ -18,34 +21,9 @@ herd.train.plots draws them (look.png).
 from __future__ import annotations
 
 import contextlib
-import functools
-import re
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
-
-
-@functools.lru_cache(maxsize=8)  # the same figure at every evaluation of a run
-def chance(seed: int, n: int, size: int, train_scenes: int = 4000) -> float:
-    """Accuracy of the question-only predictor on the held-out questions: the most common training answer to the same
-    question (to the same question with colours and shapes blanked where that question never occurred)."""
-    from herd.data.synthetic import COLORS, SHAPES, make_scene
-    from herd.train.samples import held_out_scenes
-
-    names = re.compile(r"\b(" + "|".join((*COLORS, *SHAPES)) + r")s?\b")  # what a question names
-    exact, family = {}, {}
-    for i in range(train_scenes):
-        scene = make_scene(seed, i, size, max_shapes=4)
-        for q, a in scene.qa:
-            exact.setdefault(q, Counter())[a] += 1
-            family.setdefault(names.sub("_", q), Counter())[a] += 1
-    right = 0
-    for _, messages in held_out_scenes(seed, n, size)[:n]:
-        q = next(p["text"] for p in messages[0]["content"] if p["type"] == "text")
-        votes = exact.get(q) or family.get(names.sub("_", q)) or Counter()
-        right += bool(votes) and votes.most_common(1)[0][0] == messages[1]["content"]
-    return right / n
 
 
 @contextlib.contextmanager
@@ -112,7 +90,7 @@ def feature_stats(model, tok, vcfg, scenes: list[tuple]) -> dict:
 
 def look_report(model, tok, vcfg, seed: int, n: int, size: int) -> dict:
     """Every figure of the module docstring, for a run's evaluation (scene_* accuracies over n questions)."""
-    from herd.train.samples import held_out_scenes, scene_accuracy
+    from herd.train.samples import chance, held_out_scenes, scene_accuracy
 
     was = model.training
     model.eval()
