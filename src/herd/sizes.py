@@ -83,7 +83,8 @@ def describe(cfg: TextConfig | Llama4Config) -> list[tuple[str, str]]:
                        f"{sum(1 for i in range(cfg.num_hidden_layers) if not cfg.uses_rope(i))} global NoPE)"),
             ("hidden / heads / kv heads / head_dim",
              f"{cfg.hidden_size} / {cfg.num_attention_heads} / {cfg.num_key_value_heads} / {cfg.head_dim}"),
-            ("experts (top-k)", f"{cfg.num_local_experts} (top-{cfg.num_experts_per_tok}) + shared"),
+            ("experts (top-k)", f"{cfg.num_local_experts} (top-{cfg.num_experts_per_tok}) + shared"
+                                if cfg.moe_layers else "none (every layer dense)"),
             ("text parameters (total)", f"{human(pc.total)} ({pc.total:,})"),
             ("active parameters / text token", f"{human(pc.active)} ({pc.active:,})")]
     if vision is not None:

@@ -6,11 +6,13 @@ dies or never answers raises with its log. OMP_NUM_THREADS=1: tiny models, and t
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +21,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def post_json(base: str, path: str, body: bytes | dict) -> tuple[int, dict]:
+    """(status, parsed JSON body) of a POST to a server under test; HTTP errors are returned, not raised."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def init_checkpoint(out: Path, *flags: str) -> Path:

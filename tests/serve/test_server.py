@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.serve.server_process import ServerProcess, init_checkpoint
+from tests.serve.server_process import post_json as _post
 
 IMAGE = Path(__file__).parents[1] / "data" / "images" / "square_h224_w224.png"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -47,16 +48,6 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def _post(base: str, path: str, body: bytes | dict) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_models_and_chat(client):

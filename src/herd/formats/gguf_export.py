@@ -72,7 +72,7 @@ def llama_cpp_mismatches(model) -> list[str]:
         why.append(f"use_qk_norm {cfg.use_qk_norm}: llama.cpp applies QK-norm {'unless' if qk else 'only unless'} "
                    f"a model has {gg.MAVERICK_EXPERTS} experts (here {cfg.num_local_experts})")
     step = cfg.interleave_moe_layer_step
-    if list(cfg.moe_layers) != [i for i in L if (i + 1) % step == 0]:
+    if list(cfg.moe_layers) != [i for i in L if step and (i + 1) % step == 0]:  # step 0: dense (Llama Guard 4)
         why.append(f"MoE layers {cfg.moe_layers}: llama.cpp places them every {step} layers from {step - 1}")
     from herd.formats.hf import biased
 

@@ -15,7 +15,8 @@ def build_service(cfg: ServeConfig) -> Service:
     """Load `cfg.model` with its tokenizer and generation defaults (on `cfg.device`, optionally quantized with a
     herd.infer.quant scheme), start the engine thread; returns a Service. `cfg.cuda_graphs` / `cfg.compile`: decode
     on a herd.infer.slot_batch.SlotBatch layout, its step captured as CUDA graphs (a CUDA device only) /
-    torch.compiled, for every batch size before this returns (`cfg.warmup`)."""
+    torch.compiled, for every batch size before this returns (`cfg.warmup`). `cfg.guard`: a Llama Guard model loaded
+    beside it (herd.serve.guarding)."""
     import torch
 
     from herd.formats.hf import from_pretrained, generation_defaults
@@ -42,4 +43,9 @@ def build_service(cfg: ServeConfig) -> Service:
     engine = Engine(model, tok, max_batch=cfg.max_batch, layout=layout)
     if cfg.warmup:  # before the server listens: a first request would otherwise wait for the compiler
         engine.warmup(lambda i, n, b: print(f"preparing the decode step for {b} rows ({i + 1}/{n})", flush=True))
-    return Service(cfg, EngineWorker(engine), tok, defaults)
+    guarding = None
+    if cfg.guard or cfg.prompt_guard:  # beside the served model, on its device (herd.serve.guarding)
+        from herd.serve.guarding import load_guarding
+
+        guarding = load_guarding(cfg, device, dtype)
+    return Service(cfg, EngineWorker(engine), tok, defaults, guarding)

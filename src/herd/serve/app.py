@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API over the engine (FastAPI): /v1/models, /v1/chat/completions, /v1/completions,
-/v1/weights (a trainer's weight pushes, herd.serve.weights), /health, /metrics.
+/v1/weights (a trainer's weight pushes, herd.serve.weights), /v1/moderations (with --guard: herd.serve.guarding),
+/health, /metrics.
 
 Request and response shapes follow OpenAI's API reference (platform.openai.com/docs/api-reference): SSE streaming
 ending in `data: [DONE]`, `stream_options.include_usage`, usage counts, finish_reason stop / length / tool_calls,
@@ -42,7 +43,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from herd.serve import completion, schemas
-from herd.serve.schemas import ChatCompletionRequest, CompletionRequest, WeightsRequest
+from herd.serve.schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest, WeightsRequest
 from herd.serve.service import APIError, Service
 
 log = logging.getLogger("herd.serve")
@@ -51,7 +52,7 @@ DRAIN_BYTES = 64 * 2**20  # how much of an oversized body is read and dropped so
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
-          "/v1/weights": WeightsRequest}
+          "/v1/weights": WeightsRequest, "/v1/moderations": ModerationRequest}
 
 router = APIRouter()
 
@@ -194,6 +195,13 @@ async def push_weights(request: Request):
     on with the new weights (herd.serve.weights)."""
     svc = _service(request)
     return await svc.push_weights(await _body(request, svc, WeightsRequest))
+
+
+@router.post("/v1/moderations")
+async def moderations(request: Request):
+    """OpenAI's moderation endpoint, answered by the server's Llama Guard (404 without --guard)."""
+    svc = _service(request)
+    return await svc.moderate(await _body(request, svc, ModerationRequest))
 
 
 # ---- request body ----------------------------------------------------------------------------------------------------

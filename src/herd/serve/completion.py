@@ -2,7 +2,9 @@
 (a `Job`), then `respond` gives the whole response once every choice has finished, or `stream` gives it as server-sent
 events while they generate. herd.serve.app reads and checks the HTTP request and calls these; the shapes (choices,
 chunks, usage, logprobs, tool calls, errors in a stream) follow OpenAI's API reference
-(platform.openai.com/docs/api-reference), as that module's docstring lists.
+(platform.openai.com/docs/api-reference), as that module's docstring lists. With --guard, herd.serve.guarding
+scans each prompt before it is submitted and each answer before it goes out (in windows, when streamed); a blocked
+choice answers the refusal text with finish_reason "content_filter".
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dataclasses import dataclass, replace
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from herd.safety import ScanResult
 from herd.serve import schemas, scoring
+from herd.serve.guarding import StreamGate, conversations
 from herd.serve.schemas import ChatCompletionRequest
 from herd.serve.service import APIError, Service
 from herd.tools import MARKERS, ToolCallStreamParser, finish_reason, parse_tool_calls
@@ -40,6 +44,8 @@ class Job:
     t0: float  # perf_counter at submission, for the latency metric
     as_ids: bool = False  # return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
     prompt_lps: list[dict] | None = None  # per choice: echo with logprobs, the prompt's columns (herd.serve.scoring)
+    convos: list[list[dict]] | None = None  # per choice with --guard: the conversation its answer is judged in
+    blocked: list[ScanResult | None] | None = None  # per choice with --guard: the scan that blocked it, if any
 
 
 async def start(svc: Service, body: schemas.RequestBody) -> Job:
@@ -52,15 +58,22 @@ async def start(svc: Service, body: schemas.RequestBody) -> Job:
     if tools:  # a code-interpreter call is <|python_start|>code<|python_end|>: herd.tools needs the markers' text
         params = replace(params, keep_special=MARKERS)
     per_prompt = [svc.check_length(ids, params, explicit) for ids in prompts]
+    convos = verdicts = None
+    if svc.guarding is not None:  # blocked prompts are never generated from (their choices finish at once)
+        convos = conversations(body, chat, svc.tokenizer)
+        verdicts = await svc.guarding.prompts(convos)
     scored = None if chat else await svc.prompt_logprobs(body, prompts)  # echo with logprobs
     t0 = time.perf_counter()
-    subs = svc.start(prompts, per_prompt, n, pixels, generate=body.limit != 0)
+    subs = svc.start(prompts, per_prompt, n, pixels, generate=body.limit != 0,
+                     skip=[v is not None for v in verdicts] if verdicts else None)
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": svc.name}
     return Job(subs, head, chat, tools, [echoes[j // n] for j in range(len(subs))] if echoes else None,
                sum(len(ids) for ids in prompts), t0, body.return_tokens_as_token_ids,
-               [scored[j // n] for j in range(len(subs))] if scored else None)
+               [scored[j // n] for j in range(len(subs))] if scored else None,
+               [convos[j // n] for j in range(len(subs))] if convos else None,
+               [verdicts[j // n] for j in range(len(subs))] if verdicts else None)
 
 
 def _usage(svc: Service, job: Job) -> dict:
@@ -114,6 +127,12 @@ async def respond(svc: Service, request: Request, job: Job):
     failed = next((r for r, _ in job.subs if r.finish_reason == "error"), None)
     if failed is not None:
         raise APIError(500, failed.error, code="engine_error", kind="server_error")
+    guarding = svc.guarding
+    if job.blocked and guarding.output is not None:  # each answer judged in its conversation
+        for i, (req, _) in enumerate(job.subs):
+            if job.blocked[i] is None:
+                job.blocked[i] = await guarding.scan("output", [*job.convos[i], {"role": "assistant",
+                                                                                 "content": req.text}])
     choices = [_choice(svc, job, i, req) for i, (req, _) in enumerate(job.subs)]
     return {**job.head, "choices": choices, "usage": _usage(svc, job)}
 
@@ -121,6 +140,8 @@ async def respond(svc: Service, request: Request, job: Job):
 def _choice(svc: Service, job: Job, i: int, req) -> dict:
     """Choice i of a finished job: a chat message (with the tool calls parsed from its text) or a completion."""
     echo = job.echoes[i] if job.echoes else ""  # with echo, text_offset counts from the start of the prompt
+    if job.blocked and job.blocked[i] is not None:
+        return _refused(svc, job, i, echo)
     lp = _logprobs(svc.tokenizer, req, 0, len(req.logprobs), job.chat, len(echo), job.as_ids)[0] \
         if req.params.logprobs else None
     if job.prompt_lps:
@@ -135,6 +156,15 @@ def _choice(svc: Service, job: Job, i: int, req) -> dict:
     return {"index": i, "message": msg, "logprobs": lp, "finish_reason": reason}
 
 
+def _refused(svc: Service, job: Job, i: int, echo: str = "") -> dict:
+    """Choice i blocked by the guard: the refusal, finish_reason "content_filter" (OpenAI's value)."""
+    refusal = svc.guarding.refusal
+    if job.chat:
+        return {"index": i, "message": {"role": "assistant", "content": refusal}, "logprobs": None,
+                "finish_reason": "content_filter"}
+    return {"index": i, "text": echo + refusal, "logprobs": None, "finish_reason": "content_filter"}
+
+
 # ---- streaming (SSE) -------------------------------------------------------------------------------------------------
 class _StreamedChoice:
     """One choice of a stream: how much of its text and logprobs went out, and its tool-call parser."""
@@ -147,6 +177,7 @@ class _StreamedChoice:
         # characters before the next token whose logprobs go out (the completions API's text_offset; with echo,
         # the echoed prompt's come first)
         self.offset = len(echo)
+        self.upto: int | None = None  # with a guard: logprobs go out for at most this many tokens (the rest is held)
 
     async def next_delta(self, request: Request) -> tuple[str, bool] | None:
         """(text delta, finished) when there is news within a short wait, else None."""
@@ -165,11 +196,12 @@ class _StreamedChoice:
         """The chunk choice for a delta (None when there is nothing to send), and the tool calls parsed at the end."""
         req = self.req
         self.fed += len(delta)
+        end = len(req.logprobs) if self.upto is None else min(self.upto, len(req.logprobs))
         lp = None
         if req.params.logprobs:
-            lp, chars = _logprobs(tok, req, self.sent, len(req.logprobs), chat, self.offset, self.as_ids)
+            lp, chars = _logprobs(tok, req, self.sent, end, chat, self.offset, self.as_ids)
             self.offset += chars
-        self.sent = len(req.logprobs)
+        self.sent = end
         calls = []
         if self.parser is not None:
             delta = self.parser.feed(delta).content
@@ -205,6 +237,12 @@ async def stream(svc: Service, request: Request, job: Job, include_usage: bool):
             yield event([{"index": i, "text": e, "logprobs": job.prompt_lps[i] if job.prompt_lps else None,
                           "finish_reason": None} for i, e in enumerate(job.echoes)])
         live = set(range(len(streams)))
+        for i in [i for i in live if job.blocked and job.blocked[i] is not None]:  # blocked on input
+            yield event([_refused_chunk(svc, job, i, svc.guarding.refusal)])
+            yield event([_refused_chunk(svc, job, i)])
+            live.discard(i)
+        gates = {i: StreamGate(svc.guarding, job.convos[i]) for i in live} \
+            if job.blocked and svc.guarding.output is not None else {}
         while live:
             for i in sorted(live):
                 s = streams[i]
@@ -212,6 +250,16 @@ async def stream(svc: Service, request: Request, job: Job, include_usage: bool):
                 if news is None:
                     continue
                 finished = news[1]
+                if i in gates:  # release only text that passed the output scan
+                    out = await gates[i].feed(*news)
+                    if out is None:
+                        continue
+                    if isinstance(out, ScanResult):  # blocked: stop generating, end the choice cleanly
+                        svc.cancel(s.req)
+                        yield event([_refused_chunk(svc, job, i)])
+                        live.discard(i)
+                        continue
+                    news, s.upto = (out, finished), None if finished else gates[i].passed
                 choice, calls = s.piece(svc.tokenizer, *news, job.chat)
                 if choice is not None:
                     yield event([choice])
@@ -232,12 +280,24 @@ async def stream(svc: Service, request: Request, job: Job, include_usage: bool):
     except (asyncio.CancelledError, GeneratorExit):
         svc.cancel_all(job.subs)  # the client left: free the rows now
         raise
+    except APIError as e:  # the guard failed on this request
+        for line in _stream_error(svc, job, e):
+            yield line
     except Exception as e:
         log.exception("a stream failed after its 200")
         for line in _stream_error(svc, job, APIError(500, f"the stream failed ({type(e).__name__}); the server's "
                                                           "log has the details", code="internal_error",
                                                      kind="server_error")):
             yield line
+
+
+def _refused_chunk(svc: Service, job: Job, i: int, text: str | None = None) -> dict:
+    """A blocked choice's chunk: the refusal text (`text`), or its end with finish_reason "content_filter"."""
+    if text is not None:
+        return {"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None} if job.chat \
+            else {"index": i, "text": text, "logprobs": None, "finish_reason": None}
+    end = {"index": i, "delta": {}} if job.chat else {"index": i, "text": ""}
+    return {**end, "logprobs": None, "finish_reason": "content_filter"}
 
 
 def _stream_error(svc: Service, job: Job, err: APIError) -> list[str]:

@@ -244,6 +244,13 @@ class WeightsRequest(_Body):
         return path
 
 
+class ModerationRequest(_Body):
+    """POST /v1/moderations (OpenAI's shape, text inputs): each input is classified by the server's guard."""
+
+    input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    model: str | None = None
+
+
 RequestBody = ChatCompletionRequest | CompletionRequest
 
 

@@ -17,6 +17,10 @@ cannot hold connections: a request's headers must arrive within `header_timeout`
 
 `weights_dir` turns on POST /v1/weights (herd.serve.weights): a trainer pushes new weights, read only from inside
 that folder. It is refused with `quantize` (the pushed weights are not quantized) and with `cuda_graphs` (untested).
+
+`guard` turns on guarded serving and /v1/moderations (herd.serve.guarding): a Llama Guard checkpoint scans prompts
+and answers. `guard_categories` are the Llama Guard 4 codes its prompt lists (default S1-S13, llama-stack's); an
+unknown code is refused here, before any weights load.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 
 from herd.config import ConfigError
 from herd.infer.quant import SCHEMES
+from herd.safety.taxonomy import DEFAULT, LG4, codes
 
 DTYPES = ("float32", "bfloat16")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names (any case)
@@ -71,6 +76,15 @@ class ServeConfig:
     max_connections: int = 512  # open HTTP connections; a request beyond gets 503
     shutdown_timeout: float = 30.0  # on SIGTERM / Ctrl-C, seconds in-flight requests may still run
     log_level: str = "warning"  # uvicorn's
+    # --- guarded serving (herd.serve.guarding) ---
+    guard: str | None = None  # a Llama Guard checkpoint directory (None: no guard, /v1/moderations answers 404)
+    guard_categories: tuple[str, ...] | None = None  # codes listed in the guard prompt (None: S1-S13)
+    guard_threshold: float = 0.5  # block at or above this P(unsafe)
+    guard_output: bool = True  # scan answers too, not only prompts
+    guard_window: int = 16  # a stream's text is scanned (and released) every this many tokens
+    guard_refusal: str = "I can't help with that."  # the content of a blocked choice
+    prompt_guard: str | None = None  # a Prompt Guard-style jailbreak classifier (herd.safety.prompt_guard) folder
+    prompt_guard_threshold: float = 0.5  # block a prompt at or above this P(malicious)
 
     def __post_init__(self) -> None:
         checks = [
@@ -113,10 +127,33 @@ class ServeConfig:
              "use compile, or neither"),
             (self.log_level.lower() in LOG_LEVELS,
              f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}"),
+            (self.guard is None or os.path.isdir(self.guard),
+             f"guard {self.guard!r} is not a directory: pass a Llama Guard checkpoint folder (Hugging Face layout, "
+             "e.g. one written by `herd guard-from-moe`)"),
+            (self.guard is not None or self.guard_categories is None,
+             "guard_categories needs a guard: pass --guard DIR too"),
+            (self.guard_categories is None or (bool(self.guard_categories) and all(
+                c in codes(LG4) for c in self.guard_categories)
+                and len(set(self.guard_categories)) == len(self.guard_categories)),
+             f"guard_categories must be distinct Llama Guard codes among {', '.join(codes(LG4))} (e.g. S1,S2,S10), "
+             f"got {','.join(self.guard_categories or ()) or 'none'}"),
+            (0.0 <= self.guard_threshold <= 1.0, f"guard_threshold must be in [0, 1], got {self.guard_threshold}"),
+            (self.guard_window > 0, f"guard_window must be a positive number of tokens, got {self.guard_window}"),
+            (self.prompt_guard is None or os.path.isdir(self.prompt_guard),
+             f"prompt_guard {self.prompt_guard!r} is not a directory: pass a checkpoint folder trained as a jailbreak "
+             "classifier (herd.safety.prompt_guard; experiments/safety_guard.py)"),
+            (0.0 <= self.prompt_guard_threshold <= 1.0,
+             f"prompt_guard_threshold must be in [0, 1], got {self.prompt_guard_threshold}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+
+    @property
+    def guard_codes(self) -> tuple[str, ...]:
+        """The codes the guard prompt lists, in taxonomy order."""
+        chosen = codes(DEFAULT) if self.guard_categories is None else self.guard_categories
+        return tuple(c for c in codes(LG4) if c in chosen)
 
     def replace(self, **kw) -> ServeConfig:
         return dataclasses.replace(self, **kw)

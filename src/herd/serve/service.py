@@ -148,8 +148,9 @@ class Service:
     generation defaults, the engine worker (`worker`: for the server's shutdown, never for the routes), the metrics.
     """
 
-    def __init__(self, config: ServeConfig, worker, tokenizer, defaults: dict | None = None):
+    def __init__(self, config: ServeConfig, worker, tokenizer, defaults: dict | None = None, guarding=None):
         self.config, self.worker, self.tokenizer, self.defaults = config, worker, tokenizer, defaults or {}
+        self.guarding = guarding  # herd.serve.guarding.Guarding with --guard, else None
         self.model = model = worker.engine.model
         self.text_config, self.vision_config = model.text_config, model.vision_config
         self.context = self.text_config.max_position_embeddings
@@ -362,9 +363,10 @@ class Service:
         self.worker.cancel(req)
 
     def start(self, prompts: list[list[int]], params: list[SamplingParams], n: int, pixels=None,
-              generate: bool = True) -> list:
+              generate: bool = True, skip: list[bool] | None = None) -> list:
         """Submit `n` choices of each prompt (with its own params), in order; returns their (request, queue) pairs
-        (generate=False: max_tokens 0, each finished at once with nothing generated).
+        (generate=False: max_tokens 0, each finished at once with nothing generated; so are the prompts `skip`
+        marks, which the guard blocked).
         429 when they would take the generations in flight past max_concurrent; 400 (and nothing left running) for
         what the engine's own checks refuse (an empty prompt, the context, images on a text model)."""
         in_flight, limit = self.in_flight, self.config.max_concurrent
@@ -374,10 +376,11 @@ class Service:
         self.metrics.count_request()
         subs = []
         try:
-            for ids, p in zip(prompts, params, strict=True):
+            for k, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+                go = generate and not (skip and skip[k])
                 # choice i of a seeded request draws with seed + i (vLLM's rule): n different, reproducible answers
                 subs += [self.submit(ids, p if p.seed is None else dataclasses.replace(p, seed=p.seed + i), pixels,
-                                     generate) for i in range(n)]
+                                     go) for i in range(n)]
         except ValueError as e:
             self.cancel_all(subs)
             raise APIError(400, str(e)) from None
@@ -421,5 +424,13 @@ class Service:
                                 "folder a trainer exports its weights into)", code="weights_disabled")
         return self.weights_dir
 
+    async def moderate(self, req) -> dict:
+        """POST /v1/moderations (herd.serve.guarding): 404 on a server without --guard."""
+        if self.guarding is None:
+            raise APIError(404, "this server has no guard, so /v1/moderations is off: start herd serve with --guard "
+                                "DIR (a Llama Guard checkpoint)", code="guard_disabled")
+        return await self.guarding.moderate(req)
+
     def metrics_text(self) -> str:
-        return self.metrics.text(self.queue_length, self.running)
+        text = self.metrics.text(self.queue_length, self.running)
+        return text + "".join(f"{line}\n" for line in self.guarding.metrics_lines()) if self.guarding else text
