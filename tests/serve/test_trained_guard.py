@@ -67,6 +67,8 @@ def test_the_trained_guard_separates_what_it_was_taught(trained):
 
 
 def test_a_server_guarded_by_it_blocks_the_one_and_passes_the_other(trained):
+    from openai import OpenAI
+
     served, guard = trained
     with ServerProcess(served, "--name", "tiny", "--guard", str(guard), "--guard-categories", "S1",
                        "--no-guard-output", log_path=served.parent / "guarded.log") as srv:
@@ -77,13 +79,22 @@ def test_a_server_guarded_by_it_blocks_the_one_and_passes_the_other(trained):
         status, passed = _post(srv.base, "/v1/chat/completions", _chat(BAKING))
         assert status == 200 and passed["choices"][0]["finish_reason"] in ("stop", "length")
         assert passed["usage"]["completion_tokens"] > 0
+        streamed = {}
+        client = OpenAI(base_url=f"{srv.base}/v1", api_key="unused", max_retries=0, timeout=60)
+        for text in (VIOLENT, BAKING):  # the same verdicts streamed, through the official client
+            chunks = list(client.chat.completions.create(model="tiny", stream=True, **_chat(text)))
+            streamed[text] = ("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+                              [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason])
+        assert streamed[VIOLENT] == ("I can't help with that.", ["content_filter"])
+        assert streamed[BAKING][0] == passed["choices"][0]["message"]["content"]
+        assert streamed[BAKING][1] == [passed["choices"][0]["finish_reason"]]
         status, mod = _post(srv.base, "/v1/moderations", {"input": [VIOLENT, BAKING]})
         assert status == 200, mod
         assert [r["flagged"] for r in mod["results"]] == [True, False]
         assert mod["results"][0]["categories"]["S1"] and mod["results"][0]["categories"]["violence"]
         metrics = _metrics(srv.base)
-        assert 'herd_guard_blocks_total{direction="input",category="S1"} 1' in metrics
-        assert 'herd_guard_scans_total{direction="input"} 2' in metrics
+        assert 'herd_guard_blocks_total{direction="input",category="S1"} 2' in metrics
+        assert 'herd_guard_scans_total{direction="input"} 4' in metrics
 
 
 def test_a_prompt_guard_scans_prompts_first(trained):
