@@ -304,3 +304,20 @@ def test_herd_sft_on_a_gguf_trains_in_its_own_tokens_and_template(tmp_path):
     assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x][0]
     assert first["loss"] < 7.0  # ln(416) = 6.03 from a random model: its own tokens, not the tiny tokenizer's 2048
+
+
+def test_sources_joined_by_plus_keep_image_chats_beside_the_tasks():
+    from herd.data.sources import DataError
+    from herd.post.sft_data import conversations
+
+    cfg = train_preset("sft", sft_data="tasks:counting@1+scenes:qa", sft_examples=40, init="X")
+    train, val = conversations(cfg, "train"), conversations(cfg, "val")
+    assert len(train) == 80 and len(val) == 4
+    scenes = [c for c in train if c.where.startswith("scenes qa")]
+    assert len(scenes) == 40 and all(c.messages[0]["content"][0]["type"] == "image_url" for c in scenes)
+    assert all("####" not in c.messages[-1]["content"] for c in scenes)  # bare answers, as the scene evaluation reads
+    images = lambda convs: [c.messages[0]["content"][0]["image_url"]["url"].tobytes() for c in convs  # noqa: E731
+                            if c.where.startswith("scenes")]
+    assert len(images(val)) == 2 and not set(images(val)) & set(images(train))  # the validation stream's scenes
+    with pytest.raises(DataError, match="scene task must be one of"):
+        conversations(train_preset("sft", sft_data="scenes:nope", init="X"), "train")

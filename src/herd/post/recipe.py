@@ -144,6 +144,11 @@ def recipe_preset(name: str, **overrides) -> RecipeConfig:
 
 
 # ---- one stage -------------------------------------------------------------------------------------------------------
+def _multimodal(cfg: RecipeConfig) -> bool:
+    """Whether the recipe trains a tower: then its text post-training keeps scene questions in its mix."""
+    return any(s in VISION for s in cfg.stages)
+
+
 def stage_config(cfg: RecipeConfig, name: str, init: str | None):
     """The TrainConfig of stage `name` (starting from `init`), from its preset, the recipe and `overrides`."""
     from herd.train.train_config import TRAIN_PRESETS, TrainConfig, train_preset
@@ -162,7 +167,8 @@ def stage_config(cfg: RecipeConfig, name: str, init: str | None):
     if name == "joint":  # QA rows beside the text, the contrastive tower kept as it is
         kw |= {"image_rows": 8, "scene_task": "qa", "freeze": "tower", "lr": 2e-3, "min_lr": 2e-4}
     if name == "sft":
-        kw |= {"sft_data": f"tasks:{spec}@{cfg.difficulty}", "sft_examples": cfg.sft_examples}
+        scenes = "+scenes:qa" if _multimodal(cfg) else ""  # keep what the joint stage taught
+        kw |= {"sft_data": f"tasks:{spec}@{cfg.difficulty}{scenes}", "sft_examples": cfg.sft_examples}
     if name in ("rl", "dpo"):  # rollouts as long as the evaluation's answers: longer ones would score as truncated
         kw["max_new_tokens"] = cfg.eval_max_new_tokens
     if name == "rl":

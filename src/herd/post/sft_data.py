@@ -8,6 +8,12 @@ Sources (`TrainConfig.sft_data`):
 - `tasks:NAME[,NAME...][@D|@LO-HI]`: `sft_examples` examples per task from herd.tasks' train split (held-out split
   for validation), each the task's prompt plus its reference answer (herd.tasks.base.assistant_message). Without
   `@difficulty` the examples spread evenly over the task's difficulties.
+- `scenes:TASK` (caption | qa | ground | mixed | all): `sft_examples` synthetic scene chats with their PIL images
+  (herd.data.synthetic.scene_chat, the conversations a joint stage's `image_rows` train on: bare answers, 56-pixel
+  scenes of up to 4 shapes), from the run seed's stream (the validation stream for validation).
+- several of them joined by `+`, e.g. `tasks:arithmetic,counting@1+scenes:qa`: a multimodal model's text
+  post-training keeps its image chats (herd recipe's multimodal preset does this: without them text-only SFT erased
+  what the joint stage taught, docs/vision.md).
 
 Each conversation becomes token ids through herd.chat's template (herd.train.inputs.chat_example), with labels on the
 assistant turns only - their text or tool calls and their end token; prompts, tool results and the scaffolding
@@ -41,7 +47,7 @@ import torch
 
 from herd.data.packing import rank_slice
 from herd.data.sources import DataError
-from herd.train.inputs import IGNORE, chat_example
+from herd.train.inputs import IGNORE, VAL_OFFSET, chat_example
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 
@@ -194,13 +200,29 @@ def task_conversations(spec: str, n: int, split: str) -> list[Conversation]:
             for ex in task_examples(spec, n, split, images=True)]
 
 
+def scene_conversations(task: str, n: int, seed: int, size: int) -> list[Conversation]:
+    """n synthetic scene chats of `task` (herd.data.synthetic.scene_chat) from stream `seed`."""
+    from herd.data.synthetic import TASKS, scene_chat
+
+    if task not in TASKS:
+        raise DataError(f"sft_data scenes:{task}: the scene task must be one of {', '.join(TASKS)}")
+    return [Conversation(scene_chat(seed, i, task, size=size, max_shapes=4)[1], None, f"scenes {task} {i}")
+            for i in range(n)]
+
+
 def conversations(cfg, split: str) -> list[Conversation]:
     """The conversations of `cfg.sft_data` for split "train" or "val" (module docstring)."""
-    src = cfg.sft_data or ""
-    if src.startswith("tasks:"):
-        return task_conversations(src[len("tasks:"):], cfg.sft_examples if split == "train" else
-                                  max(cfg.sft_examples // 20, 1), "train" if split == "train" else "heldout")
-    return val_split(read_jsonl(src), split)
+    out = []
+    n = cfg.sft_examples if split == "train" else max(cfg.sft_examples // 20, 1)
+    for src in (cfg.sft_data or "").split("+"):
+        if src.startswith("tasks:"):
+            out += task_conversations(src[len("tasks:"):], n, "train" if split == "train" else "heldout")
+        elif src.startswith("scenes:"):
+            seed = cfg.seed + (VAL_OFFSET if split == "val" else 0)
+            out += scene_conversations(src[len("scenes:"):], n, seed, cfg.scene_size)
+        else:
+            out += val_split(read_jsonl(src), split)
+    return out
 
 
 @dataclass(frozen=True)

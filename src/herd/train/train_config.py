@@ -97,7 +97,8 @@ class TrainConfig:
     alpha_schedule: str = "constant"  # constant | linear | cosine
     tau: float = 1.0
     # --- SFT (herd.post.sft: `herd sft`; these are read only there) ---
-    sft_data: str | None = None  # a conversations .jsonl (OpenAI `messages`) or tasks:NAME[,NAME...][@D|@LO-HI]
+    sft_data: str | None = None  # a conversations .jsonl (OpenAI `messages`), tasks:NAME[,NAME...][@D|@LO-HI],
+    # scenes:TASK, or several joined by + (herd.post.sft_data)
     sft_examples: int = 1000  # tasks: examples drawn per task from its train split
     prune_easy: float = 0.0  # share of the examples the judge finds easiest (lowest answer loss) dropped before SFT
     judge: str | None = None  # the judge model for prune_easy (None: `init`, the model being tuned)
