@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.data.sources import DataError
-from herd.train.inputs import VAL_OFFSET, EpochOrder
+from herd.train.inputs import VAL_OFFSET, record_stream
 
 CENTRE_CAPTIONS = 512  # training captions whose mean embedding is the centre
 
@@ -188,13 +188,7 @@ class CaptionBatches:
         self.tok, self.vcfg, self.size, self.batch = tok, vcfg, cfg.scene_size, cfg.batch_size
         self.seed = cfg.seed + (VAL_OFFSET if split == "val" else 0)
         self.rank, self.world, self.index = rank, world_size, 0
-        self.records = None  # JSONL records, read in a fresh order every epoch
-        if cfg.image_data != "scenes":
-            from herd.data.sources import image_text_records
-
-            records = image_text_records(cfg.image_data)
-            self.records = [r for i, r in enumerate(records) if (i % 20 == 19) == (split == "val")] or records
-            self._order = EpochOrder(len(self.records), self.seed)
+        self.records = record_stream(cfg, split, self.seed)  # None: the built-in scenes
 
     def pair(self, i: int) -> tuple:
         """(image source, caption) number i of the stream."""
@@ -203,7 +197,7 @@ class CaptionBatches:
 
             scene = make_scene(self.seed, i, self.size, max_shapes=4)
             return scene.image, scene.caption
-        rec = self.records[self._order.index(i)]
+        rec = self.records[i]
         caption = rec["messages"][-1].get("content")
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(f"{rec['image']}: contrastive pretraining needs a caption: a record's \"text\" (or its "

@@ -147,6 +147,27 @@ class EpochOrder:
         return self._order[i % self.n]
 
 
+class RecordStream:
+    """A JSONL of image records (cfg.image_data, herd.data.sources.image_text_records) as an endless stream for one
+    split: every 20th record is held out for validation (all of them serve when there are fewer than 20), and record
+    i of the stream is drawn in a fresh order every epoch."""
+
+    def __init__(self, image_data: str, split: str, seed: int):
+        from herd.data.sources import image_text_records
+
+        records = image_text_records(image_data)
+        self.records = [r for i, r in enumerate(records) if (i % 20 == 19) == (split == "val")] or records
+        self.order = EpochOrder(len(self.records), seed)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.records[self.order.index(i)]
+
+
+def record_stream(cfg, split: str, seed: int) -> RecordStream | None:
+    """cfg.image_data's records for `split`, or None when the images are the built-in scenes."""
+    return None if cfg.image_data == "scenes" else RecordStream(cfg.image_data, split, seed)
+
+
 class ImageRows:
     """Batches of image-text chat rows: {"input_ids", "labels" (B, T), "pixel_values" (tiles, 3, H, W)}."""
 
@@ -155,13 +176,7 @@ class ImageRows:
         self.seed = cfg.seed + (VAL_OFFSET if split == "val" else 0)
         self.size, self.task = cfg.scene_size, cfg.scene_task
         self.rank, self.world, self.index = rank, world_size, 0
-        self.records = None  # JSONL records, read in a fresh order every epoch
-        if cfg.image_data != "scenes":
-            from herd.data.sources import image_text_records
-
-            records = image_text_records(cfg.image_data)
-            self.records = [r for i, r in enumerate(records) if (i % 20 == 19) == (split == "val")] or records
-            self._order = EpochOrder(len(self.records), self.seed)
+        self.records = record_stream(cfg, split, self.seed)  # None: the built-in scenes
         pad = tok.pad_token or "<|finetune_right_pad|>"
         self.pad_id = tok.specials[pad]
 
@@ -170,7 +185,7 @@ class ImageRows:
             from herd.data.synthetic import scene_chat
 
             return scene_chat(self.seed, i, self.task, size=self.size, max_shapes=4)[1], f"scene {i}"
-        rec = self.records[self._order.index(i)]
+        rec = self.records[i]
         return rec["messages"], rec["image"]
 
     def __iter__(self) -> ImageRows:
